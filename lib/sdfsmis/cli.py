@@ -1,0 +1,101 @@
+"""The ``sdfsmis`` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .backbone import DEFAULT_BACKBONE, BackboneNotFoundError
+
+
+def _device(name: str) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+    return name
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> None:
+    from .backbone import make_tiny_backbone
+
+    print(f"tiny backbone written to {make_tiny_backbone(Path(args.dir), seed=args.seed)}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from .backbone import download_backbone
+
+    print(f"backbone downloaded to {download_backbone(Path(args.dir), fp16=args.fp16)}")
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .inference import VolumeSegmenter
+    from .model import SDFSMIS
+    from .volume import check_same_geometry, load_volume
+
+    config = load_config(args.config, args.backbone)
+    if args.resolution:
+        config.model.resolution = args.resolution
+    support_image = load_volume(args.support_image)
+    support_label = load_volume(args.support_label, label=True)
+    check_same_geometry(support_image, support_label)
+    query = load_volume(args.image)
+    if args.checkpoint is None:
+        print(
+            "WARNING: no --checkpoint: the SD-FSMIS head (widened convs, VTCT MLP) is untrained, "
+            "so this prediction is not meaningful. Train with `sdfsmis train` first.",
+            file=sys.stderr,
+        )
+    started = time.perf_counter()
+    model = SDFSMIS.from_backbone(args.backbone, config.model, args.checkpoint, device=_device(args.device)).eval()
+    loaded = time.perf_counter() - started
+    labels = [int(k) for k in args.labels.split(",")] if args.labels else None
+    result = VolumeSegmenter(model, config.inference).segment(support_image, support_label, query, labels)
+    query.save_label(result.labels, args.output)
+    summary = {"output": str(args.output), "model_load_seconds": round(loaded, 3), **result.summary()}
+    print(json.dumps(summary, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdfsmis", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("make-tiny", help="write a tiny random backbone (tests, demos)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=None)
+    tiny.set_defaults(run=cmd_make_tiny)
+
+    download = commands.add_parser("download", help="fetch SD v1.5 (vae, unet) + DINOv2-small")
+    download.add_argument("dir")
+    download.add_argument("--fp16", action="store_true", help="the fp16 weight variant (half the size)")
+    download.set_defaults(run=cmd_download)
+
+    infer = commands.add_parser("infer", help="one-shot segmentation of a NIfTI volume")
+    infer.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone directory or 'default' (hub ids)")
+    infer.add_argument("--checkpoint", default=None, help="our fine-tuned weights (file or directory)")
+    infer.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
+    infer.add_argument("--support-image", required=True, type=Path)
+    infer.add_argument("--support-label", required=True, type=Path)
+    infer.add_argument("--image", required=True, type=Path)
+    infer.add_argument("--output", required=True, type=Path)
+    infer.add_argument("--labels", default=None, help="comma-separated label ids (default: all in the support)")
+    infer.add_argument("--resolution", type=int, default=None, help="model slice size (default: the preset's)")
+    infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    infer.set_defaults(run=cmd_infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (BackboneNotFoundError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

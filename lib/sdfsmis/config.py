@@ -1,0 +1,113 @@
+"""Model, inference and training settings, loaded from the YAML presets in ``configs/``.
+
+Defaults are the paper's settings (the ``sd15`` preset). A backbone directory may carry its own
+``sdfsmis.yaml`` (``sdfsmis make-tiny`` writes one), so that a tiny backbone is always run at the
+resolution it was built for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+BACKBONE_PRESET_FILE = "sdfsmis.yaml"
+
+
+@dataclass
+class ModelConfig:
+    """What the network is and how one episode is computed (see docs/model.md)."""
+
+    resolution: int = 256
+    timestep: int = 999
+    conv_init: str = "repeat_half"  # or "zero": extra input channels start at zero
+    qe_threshold: float = 0.7
+    qe_topk: int = 10
+    vtct_image_size: int = 224
+    vtct_hidden_dim: int = 1536
+    vtct_hidden_layers: int = 2
+
+
+@dataclass
+class InferenceConfig:
+    """How a volume is turned into slices and back (the app's and the CLI's behaviour)."""
+
+    threshold: float = 0.5
+    batch_size: int = 8
+    max_supports: int = 3
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    z_margin: float = 0.25
+    min_extent_slices: int = 3
+    largest_component: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    """The optimiser recipe of the paper plus the episode sampler's knobs (protocol.md)."""
+
+    lr_unet: float = 1e-5
+    lr_mlp: float = 5e-5
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 42
+    iterations: int = 15000
+    checkpoint_every: int = 1000
+    validate_every: int = 1000
+    validation_episodes: int = 16
+    min_foreground: int = 200
+    supervoxel_min_size: int = 5000
+    gt_rate: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SDFSMISConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tiny_backbone: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _merge(section: Any, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown setting {where}.{key} (known: {', '.join(known)})")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value or {}, f"{where}.{key}")
+        else:
+            setattr(section, key, tuple(value) if isinstance(current, tuple) else value)
+    return section
+
+
+def config_from_dict(values: dict[str, Any]) -> SDFSMISConfig:
+    return _merge(SDFSMISConfig(), values or {}, "config")
+
+
+def load_config(preset: str | Path | None = None, backbone: str | Path | None = None) -> SDFSMISConfig:
+    """Resolve settings: an explicit preset (name in ``configs/`` or YAML path) wins, then the
+    backbone directory's own ``sdfsmis.yaml``, then the paper defaults."""
+    path: Path | None = None
+    if preset:
+        candidate = Path(preset)
+        path = candidate if candidate.suffix in (".yaml", ".yml") else PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"config preset not found: {path}")
+    elif backbone and (Path(backbone) / BACKBONE_PRESET_FILE).is_file():
+        path = Path(backbone) / BACKBONE_PRESET_FILE
+    if path is None:
+        return SDFSMISConfig()
+    return config_from_dict(yaml.safe_load(path.read_text()) or {})

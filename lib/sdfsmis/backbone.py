@@ -126,7 +126,9 @@ def load_backbone(
             source.dinov2[0], dtype=dtype, use_safetensors=True, **_hub_kwargs(source, source.dinov2[1])
         )
     except (OSError, ValueError) as error:
-        raise BackboneNotFoundError(f"could not load the backbone ({source.description}): {error}. {HOW_TO_GET}") from error
+        raise BackboneNotFoundError(
+            f"could not load the backbone ({source.description}): {error}. {HOW_TO_GET}"
+        ) from error
     return vae, unet, dinov2
 
 
@@ -157,6 +159,8 @@ def download_backbone(directory: Path, fp16: bool = False) -> Path:
         allow_patterns=[f"{part}/config.json" for part in ("vae", "unet")]
         + [f"vae/diffusion_pytorch_model.{variant}safetensors", f"unet/diffusion_pytorch_model.{variant}safetensors"],
     )
-    snapshot_download(DINOV2_HUB_ID, local_dir=directory / "dinov2", allow_patterns=["config.json", "model.safetensors"])
+    snapshot_download(
+        DINOV2_HUB_ID, local_dir=directory / "dinov2", allow_patterns=["config.json", "model.safetensors"]
+    )
     shutil.copyfile(PRESET_DIR / "sd15.yaml", directory / BACKBONE_PRESET_FILE)
     return directory

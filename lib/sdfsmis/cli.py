@@ -33,7 +33,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_infer(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .inference import VolumeSegmenter
+    from .inference import VolumeSegmenter, select_label_ids
     from .model import SDFSMIS
     from .volume import check_same_geometry, load_volume
 
@@ -44,6 +44,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     support_label = load_volume(args.support_label, label=True)
     check_same_geometry(support_image, support_label)
     query = load_volume(args.image)
+    labels = select_label_ids(support_label, [int(k) for k in args.labels.split(",")] if args.labels else None)
     if args.checkpoint is None:
         print(
             "WARNING: no --checkpoint: the SD-FSMIS head (widened convs, VTCT MLP) is untrained, "
@@ -53,7 +54,6 @@ def cmd_infer(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     model = SDFSMIS.from_backbone(args.backbone, config.model, args.checkpoint, device=_device(args.device)).eval()
     loaded = time.perf_counter() - started
-    labels = [int(k) for k in args.labels.split(",")] if args.labels else None
     result = VolumeSegmenter(model, config.inference).segment(support_image, support_label, query, labels)
     query.save_label(result.labels, args.output)
     summary = {"output": str(args.output), "model_load_seconds": round(loaded, 3), **result.summary()}

@@ -23,14 +23,18 @@ class LatentCodec(torch.nn.Module):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode(self, image: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, image: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """[B, 1, H, W] in [-1, 1] -> [B, 4, H/8, W/8]; training samples, inference takes the mean."""
         x = image.to(self.vae.dtype).expand(-1, 3, -1, -1)
         dist = self.vae.encode(x).latent_dist
         latent = dist.sample(generator) if sample else dist.mean
         return latent * self.scaling_factor
 
-    def encode_mask(self, mask: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_mask(
+        self, mask: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return self.encode(mask.float() * 2 - 1, sample=sample, generator=generator)
 
     @torch.no_grad()

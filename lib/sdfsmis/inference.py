@@ -53,7 +53,9 @@ def choose_support_slices(annotated: np.ndarray, count: int) -> list[int]:
     return sorted({int(annotated[min(int(p * len(annotated)), len(annotated) - 1)]) for p in positions})
 
 
-def query_range(annotated: np.ndarray, support_depth: int, query_depth: int, config: InferenceConfig) -> tuple[int, int]:
+def query_range(
+    annotated: np.ndarray, support_depth: int, query_depth: int, config: InferenceConfig
+) -> tuple[int, int]:
     """The query slices to segment. A full annotation (>= min_extent_slices) gives the organ's
     relative z-range, mapped to the query with a margin; a sparse one says nothing of the
     extent, so every slice is segmented."""
@@ -62,10 +64,14 @@ def query_range(annotated: np.ndarray, support_depth: int, query_depth: int, con
         return 0, query_depth - 1
     start, stop = first / support_depth, (last + 1) / support_depth
     margin = config.z_margin * (stop - start)
-    return max(0, int(np.floor((start - margin) * query_depth))), min(query_depth - 1, int(np.ceil((stop + margin) * query_depth)) - 1)
+    return max(0, int(np.floor((start - margin) * query_depth))), min(
+        query_depth - 1, int(np.ceil((stop + margin) * query_depth)) - 1
+    )
 
 
-def assign_supports(query_z: np.ndarray, support_z: list[int], mapping: tuple[float, float, float, float]) -> np.ndarray:
+def assign_supports(
+    query_z: np.ndarray, support_z: list[int], mapping: tuple[float, float, float, float]
+) -> np.ndarray:
     """Each query slice uses the support slice nearest to it once the query range is mapped
     linearly onto the support's annotated range (chunking of EP1, generalised)."""
     q0, q1, s0, s1 = mapping
@@ -86,6 +92,19 @@ def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np
             return np.isin(components, keep)
     sizes = np.bincount(components.ravel())[1:]
     return components == (sizes.argmax() + 1)
+
+
+def select_label_ids(support_label: Volume, requested: list[int] | None = None) -> list[int]:
+    """The label ids to segment: all drawn ones by default; an empty support is an error."""
+    present = [int(k) for k in np.unique(support_label.data) if k > 0]
+    if not present:
+        raise VolumeError(f"support label {support_label.path.name} is empty: draw the structure on at least one slice")
+    absent = [k for k in requested or [] if k not in present]
+    if absent:
+        raise VolumeError(
+            f"label ids {absent} are not in the support label {support_label.path.name} (it has {present})"
+        )
+    return requested or present
 
 
 class VolumeSegmenter:
@@ -123,7 +142,9 @@ class VolumeSegmenter:
         mask = (self._model_slices(support_mask.astype(np.float32), support_z, support_grid, "bilinear") > 0.5).float()
         empty = mask.flatten(1).sum(dim=1) == 0
         if empty.any():  # a structure thinner than a model pixel: keep any overlap
-            mask = (self._model_slices(support_mask.astype(np.float32), support_z, support_grid, "bilinear") > 0).float()
+            mask = (
+                self._model_slices(support_mask.astype(np.float32), support_z, support_grid, "bilinear") > 0
+            ).float()
         support = self.model.encode_support(self._model_slices(support_image, support_z, support_grid), mask)
 
         grid = SliceGrid(*query_image.shape[:2], self.resolution)
@@ -144,14 +165,7 @@ class VolumeSegmenter:
         When the query is the support image itself, the annotated voxels are kept as drawn.
         """
         started = time.perf_counter()
-        present = [int(k) for k in np.unique(support_label.data) if k > 0]
-        label_ids = present if label_ids is None else label_ids
-        absent = [k for k in label_ids if k not in present]
-        if not present or absent:
-            raise VolumeError(
-                f"support label {support_label.path.name} is empty" if not present
-                else f"label ids {absent} are not in the support label (it has {present})"
-            )
+        label_ids = select_label_ids(support_label, label_ids)
         same_volume = support_image.path.resolve() == query.path.resolve()
         support_data = normalise_intensity(support_image.data, self.config.clip_percentiles)
         query_data = support_data if same_volume else normalise_intensity(query.data, self.config.clip_percentiles)

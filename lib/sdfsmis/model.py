@@ -105,7 +105,11 @@ class SDFSMIS(nn.Module):
 
     def _query_input(self, support: SupportFeatures, query_latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         prototype = query_prototype(
-            support.image_latent[index], support.mask[index], query_latent, self.config.qe_threshold, self.config.qe_topk
+            support.image_latent[index],
+            support.mask[index],
+            query_latent,
+            self.config.qe_threshold,
+            self.config.qe_topk,
         )
         return enhance_query(query_latent, prototype)
 
@@ -160,7 +164,9 @@ class SDFSMIS(nn.Module):
         return -out
 
     @torch.no_grad()
-    def segment(self, support: SupportFeatures, query_image: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    def segment(
+        self, support: SupportFeatures, query_image: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Query slices [Q, 1, H, W] in [-1, 1] -> foreground probability [Q, 1, H, W] in [0, 1]."""
         if index is None:
             index = torch.zeros(query_image.shape[0], dtype=torch.long, device=query_image.device)
@@ -179,7 +185,9 @@ class SDFSMIS(nn.Module):
         support_latent = torch.cat([image_latent, self.codec.encode_mask(support_mask, True, generator)], dim=1)
         query_latent = self.codec.encode(query_image, sample=True, generator=generator)
         target = -self.codec.encode_mask(query_mask, True, generator)
-        support = SupportFeatures(image_latent, support_latent, support_mask, self.condition_token(support_image, support_mask))
+        support = SupportFeatures(
+            image_latent, support_latent, support_mask, self.condition_token(support_image, support_mask)
+        )
         index = torch.arange(query_image.shape[0], device=query_image.device)
         query_input = self._query_input(support, query_latent, index)
         prediction = self.unet_output(support_latent, query_input, support.token, index)

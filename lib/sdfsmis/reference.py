@@ -38,8 +38,9 @@ class KVBankAttnProcessor:
 
 def install_kv_bank(unet: torch.nn.Module) -> list[KVBankAttnProcessor]:
     processors = {name: KVBankAttnProcessor() for name in unet.attn_processors}
-    unet.set_attn_processor(processors)
-    return list(processors.values())
+    installed = list(processors.values())
+    unet.set_attn_processor(processors)  # consumes the dict
+    return installed
 
 
 def set_bank_mode(processors: list[KVBankAttnProcessor], mode: str) -> None:

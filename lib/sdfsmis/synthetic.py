@@ -55,7 +55,7 @@ ORGANS: tuple[SyntheticOrgan, ...] = (
 )
 
 # Background intensities (air, subcutaneous fat, body soft tissue) and noise level per modality.
-_BACKGROUND = {"CT": (-1000.0, -100.0, 10.0), "MR": (0.0, 120.0, 350.0)}
+_BACKGROUND = {"CT": (-1000.0, -100.0, -20.0), "MR": (0.0, 120.0, 350.0)}
 _NOISE_SIGMA = {"CT": 12.0, "MR": 20.0}
 _BODY_SEMI_AXES = (0.90, 0.70)
 _FAT_INNER = 0.88  # inner edge of the fat shell, as a fraction of the body ellipse

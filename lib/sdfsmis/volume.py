@@ -82,7 +82,9 @@ def load_volume(path: str | Path, label: bool = False) -> Volume:
 def check_same_geometry(image: Volume, label: Volume, atol: float = 1e-3) -> None:
     """A label must lie on its image's voxel grid: same shape, same affine."""
     if image.shape != label.shape:
-        raise VolumeError(f"label {label.path.name} has shape {label.shape} but its image {image.path.name} has {image.shape}")
+        raise VolumeError(
+            f"label {label.path.name} has shape {label.shape} but its image {image.path.name} has {image.shape}"
+        )
     if not np.allclose(image.affine, label.affine, atol=atol):
         raise VolumeError(
             f"label {label.path.name} and image {image.path.name} have different affines (orientation/spacing/origin)"

@@ -67,7 +67,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
             details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if reshaped:
             k = reshaped[0]
-            details.append(f"{len(reshaped)} of another shape (e.g. {k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)})")
+            details.append(
+                f"{len(reshaped)} of another shape (e.g. {k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)})"
+            )
         raise CheckpointError(
             f"checkpoint {path} does not fit this backbone: {'; '.join(details)}. "
             "Was it trained on another backbone (e.g. the tiny one)?"

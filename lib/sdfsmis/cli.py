@@ -22,7 +22,45 @@ def _device(name: str) -> str:
 def cmd_make_tiny(args: argparse.Namespace) -> None:
     from .backbone import make_tiny_backbone
 
-    print(f"tiny backbone written to {make_tiny_backbone(Path(args.dir), seed=args.seed)}")
+    directory = make_tiny_backbone(Path(args.dir), seed=args.seed)
+    if args.fit_vae:
+        from .tiny_vae import fit_tiny_vae
+
+        error = fit_tiny_vae(directory, steps=args.fit_vae)
+        print(f"tiny VAE fitted on generated slices for {args.fit_vae} steps (reconstruction MSE {error:.4f})")
+    print(f"tiny backbone written to {directory}")
+
+
+def cmd_supervoxels(args: argparse.Namespace) -> None:
+    from .supervoxels import run_supervoxels_cli
+
+    run_supervoxels_cli(args.image, args.output, min_size=args.min_size)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .trainer import TrainingRun, find_images, train
+
+    config = load_config(args.config, args.backbone)
+    if args.seed is not None:
+        config.training.seed = args.seed
+    for key in ("checkpoint_every", "validate_every"):
+        if getattr(args, key):
+            setattr(config.training, key, getattr(args, key))
+    run = TrainingRun(
+        backbone=args.backbone,
+        images=find_images(args.images),
+        output=Path(args.output),
+        config=config,
+        iterations=args.iterations or config.training.iterations,
+        device=_device(args.device),
+        resume=args.resume,
+        batch_size=args.batch_size,
+        exclude_classes=[int(k) for k in args.exclude.split(",")] if args.exclude else [],
+        exclusion_rule=args.exclusion_rule,
+    )
+    summary = train(run)
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -67,7 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="write a tiny random backbone (tests, demos)")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=None)
+    tiny.add_argument(
+        "--fit-vae", type=int, default=0, metavar="STEPS", help="fit the tiny VAE on generated slices (learning demos)"
+    )
     tiny.set_defaults(run=cmd_make_tiny)
+
+    supervoxels = commands.add_parser("supervoxels", help="3-D supervoxel pseudo-labels of a volume")
+    supervoxels.add_argument("--image", required=True, type=Path)
+    supervoxels.add_argument("--output", required=True, type=Path)
+    supervoxels.add_argument("--min-size", type=int, default=5000, help="minimum supervoxel size in voxels")
+    supervoxels.set_defaults(run=cmd_supervoxels)
+
+    training = commands.add_parser("train", help="self-supervised episodic fine-tuning on supervoxels")
+    training.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    training.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
+    training.add_argument("--images", required=True, help="a folder of NIfTI volumes or a glob")
+    training.add_argument("--output", required=True, help="checkpoint folder")
+    training.add_argument("--iterations", type=int, default=None, help="default: the preset's")
+    training.add_argument("--batch-size", type=int, default=1)
+    training.add_argument("--checkpoint-every", type=int, default=None)
+    training.add_argument("--validate-every", type=int, default=None)
+    training.add_argument("--seed", type=int, default=None, help="default: the preset's (42)")
+    training.add_argument("--exclude", default=None, help="Setting 2: test class ids whose slices are dropped")
+    training.add_argument("--exclusion-rule", default="any", choices=["any", "all"])
+    training.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    training.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
+    training.set_defaults(run=cmd_train)
 
     download = commands.add_parser("download", help="fetch SD v1.5 (vae, unet) + DINOv2-small")
     download.add_argument("dir")

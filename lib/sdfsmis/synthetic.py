@@ -46,8 +46,8 @@ class SyntheticOrgan:
 
 ORGANS: tuple[SyntheticOrgan, ...] = (
     SyntheticOrgan("liver", 1, 60.0, 200.0, (0.33, 0.05, 0.35), (0.42, 0.45, 0.45)),
-    SyntheticOrgan("right_kidney", 2, 150.0, 750.0, (0.38, -0.30, -0.35), (0.15, 0.17, 0.30)),
-    SyntheticOrgan("left_kidney", 3, 150.0, 750.0, (-0.38, -0.30, -0.25), (0.15, 0.17, 0.30)),
+    SyntheticOrgan("right_kidney", 2, 150.0, 750.0, (0.38, -0.30, -0.40), (0.15, 0.17, 0.30)),
+    SyntheticOrgan("left_kidney", 3, 150.0, 750.0, (-0.38, -0.30, -0.20), (0.15, 0.17, 0.30)),
     SyntheticOrgan("spleen", 4, 45.0, 550.0, (-0.50, -0.10, 0.25), (0.16, 0.24, 0.25)),
     SyntheticOrgan("stomach", 0, 110.0, 1000.0, (-0.15, 0.35, 0.35), (0.20, 0.18, 0.25)),
     SyntheticOrgan("aorta", 0, 180.0, 60.0, (-0.08, -0.30, 0.0), (0.06, 0.06, 5.0)),
@@ -61,17 +61,23 @@ _BODY_SEMI_AXES = (0.90, 0.70)
 _FAT_INNER = 0.88  # inner edge of the fat shell, as a fraction of the body ellipse
 
 
-def _smooth_field(rng: np.random.Generator, u: list[np.ndarray], n_terms: int = 6, cycles: float = 0.75) -> np.ndarray:
-    """Low-frequency random field (sum of random plane waves), roughly unit variance.
+def _plane_waves(rng: np.random.Generator, n_terms: int, cycles: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wave vectors and phases of a random low-frequency field (see ``_smooth_field``)."""
+    k = rng.uniform(-cycles, cycles, size=(n_terms, 3)) * 2.0 * np.pi
+    phase = rng.uniform(0.0, 2.0 * np.pi, size=n_terms)
+    return k, phase
 
-    Evaluated on patient coordinates, so it does not depend on the voxel grid orientation.
+
+def _smooth_field(waves: tuple[np.ndarray, np.ndarray], u: list[np.ndarray]) -> np.ndarray:
+    """Sum of random plane waves, roughly unit variance, evaluated at patient coordinates ``u``.
+
+    Patient coordinates make the field independent of the voxel grid orientation.
     """
-    field = np.zeros(np.broadcast_shapes(*(a.shape for a in u)), dtype=np.float32)
-    for _ in range(n_terms):
-        k = rng.uniform(-cycles, cycles, size=3) * 2.0 * np.pi
-        phase = rng.uniform(0.0, 2.0 * np.pi)
-        field += np.cos(k[0] * u[0] + k[1] * u[1] + k[2] * u[2] + phase, dtype=np.float32)
-    field *= np.float32(np.sqrt(2.0 / n_terms))
+    k, phase = waves
+    field = np.zeros(np.broadcast_shapes(*(np.shape(a) for a in u)), dtype=np.float32)
+    for (kx, ky, kz), p in zip(k, phase):
+        field += np.cos(kx * u[0] + ky * u[1] + kz * u[2] + p, dtype=np.float32)
+    field *= np.float32(np.sqrt(2.0 / len(phase)))
     return field
 
 
@@ -143,8 +149,9 @@ def make_volume(
     affine[:3, 3] = world_centre - linear @ ((np.asarray(shape) - 1) / 2.0)
 
     u = _patient_coordinates(shape, linear, spacing_arr * np.asarray(shape) / 2.0)
-    deform = _smooth_field(rng, u)
-    bias = _smooth_field(rng, u, n_terms=4, cycles=0.5)
+    deform_waves = _plane_waves(rng, n_terms=6, cycles=0.75)
+    deform = _smooth_field(deform_waves, u)
+    bias = _smooth_field(_plane_waves(rng, n_terms=4, cycles=0.5), u)
 
     air, fat, soft = _BACKGROUND[modality]
     body_r = np.sqrt((u[0] / body_axes[0]) ** 2 + (u[1] / body_axes[1]) ** 2)
@@ -156,11 +163,11 @@ def make_volume(
     # Each voxel belongs to the structure whose deformed normalised radius is smallest (< 1).
     best = np.full(shape, np.inf, dtype=np.float32)
     owner = np.full(shape, -1, dtype=np.int8)
-    wobble = 1.0 + 0.12 * deform
     for index, (centre, radii) in enumerate(zip(organ_centres, organ_radii)):
         r = ((u[0] - centre[0]) / radii[0]) ** 2 + ((u[1] - centre[1]) / radii[1]) ** 2
         r = r + ((u[2] - centre[2]) / radii[2]) ** 2
-        r = np.sqrt(r) * wobble
+        # The field relative to its value at the centre deforms the shape without rescaling it.
+        r = np.sqrt(r) * (1.0 + 0.08 * (deform - _smooth_field(deform_waves, list(centre))))
         inside = (r < 1.0) & (r < best) & (body_r < _FAT_INNER)
         best[inside] = r[inside]
         owner[inside] = index

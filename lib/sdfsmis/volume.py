@@ -28,6 +28,10 @@ class Volume:
     header: nib.Nifti1Header
     path: Path
 
+    def from_original(self, array: np.ndarray) -> np.ndarray:
+        """An array in the original voxel order (e.g. a cached label) -> RAS working orientation."""
+        return orientations.apply_orientation(array, _to_ras(self.affine))
+
     def to_original(self, array: np.ndarray) -> np.ndarray:
         """An array in this volume's RAS working orientation -> the original voxel order."""
         back = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), orientations.io_orientation(self.affine))
@@ -76,7 +80,9 @@ def load_volume(path: str | Path, label: bool = False) -> Volume:
             raise VolumeError(f"label {path.name} must hold non-negative integer label ids")
         data = np.round(data).astype(np.int32)
     affine = image.affine.astype(np.float64)
-    return Volume(orientations.apply_orientation(data, _to_ras(affine)), affine, data.shape, image.header, path)
+    volume = Volume(data, affine, data.shape, image.header, path)
+    volume.data = volume.from_original(data)
+    return volume
 
 
 def check_same_geometry(image: Volume, label: Volume, atol: float = 1e-3) -> None:

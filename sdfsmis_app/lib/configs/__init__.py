@@ -1,0 +1,3 @@
+from .runtime import AppSettings, ModelRuntime, ModelUnavailable
+
+__all__ = ["AppSettings", "ModelRuntime", "ModelUnavailable"]

@@ -1,0 +1,122 @@
+"""The app's one SD-FSMIS model: settings from ``--conf``, a status that needs no loading,
+lazy loading on first use, and pick-up of a newly published checkpoint without a restart."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdfsmis.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
+from sdfsmis.config import SDFSMISConfig, load_config
+from sdfsmis.inference import VolumeSegmenter
+from sdfsmis.model import SDFSMIS
+from sdfsmis.weights import WEIGHTS_NAME, load_weights
+
+TRUE = {"1", "true", "yes", "on"}
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot serve; the message says why and how to fix it."""
+
+
+@dataclass
+class AppSettings:
+    backbone: str
+    device: str
+    model_dir: Path
+    checkpoint: Path
+    allow_untrained: bool
+    preset: str | None
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str], app_dir: str) -> AppSettings:
+        model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
+        device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(
+            backbone=conf.get("backbone", DEFAULT_BACKBONE),
+            device=device,
+            model_dir=model_dir,
+            checkpoint=Path(conf.get("checkpoint") or model_dir / WEIGHTS_NAME),
+            allow_untrained=str(conf.get("allow_untrained", "false")).lower() in TRUE,
+            preset=conf.get("preset"),
+        )
+
+
+def _hub_cached() -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    files = [(SD15_HUB_ID, "unet/config.json"), (SD15_HUB_ID, "vae/config.json"), (DINOV2_HUB_ID, "config.json")]
+    return all(isinstance(try_to_load_from_cache(repo, name), str) for repo, name in files)
+
+
+class ModelRuntime:
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._model: SDFSMIS | None = None
+        self._loaded_checkpoint: tuple[int, int] | None = None  # (mtime_ns, size)
+
+    @property
+    def config(self) -> SDFSMISConfig:
+        spec = self.settings.backbone
+        return load_config(self.settings.preset, None if spec == DEFAULT_BACKBONE else spec)
+
+    def _checkpoint_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.settings.checkpoint.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def check(self) -> None:
+        """Raise :class:`ModelUnavailable` unless the model can serve (no weights are loaded)."""
+        spec = self.settings.backbone
+        try:
+            resolve_backbone(spec)
+        except FileNotFoundError as error:
+            raise ModelUnavailable(str(error)) from error
+        if spec == DEFAULT_BACKBONE and os.environ.get("HF_HUB_OFFLINE") == "1" and not _hub_cached():
+            raise ModelUnavailable(
+                f"backbone 'default' (hub ids) is not in the local cache and HF_HUB_OFFLINE=1. {HOW_TO_GET}"
+            )
+        if self._checkpoint_stamp() is None and not self.settings.allow_untrained:
+            raise ModelUnavailable(
+                f"no fine-tuned SD-FSMIS checkpoint at {self.settings.checkpoint}: the SD-FSMIS head is untrained "
+                "and is not served. Fix: run the train task (POST /train/sdfsmis, or 'Train' in Slicer), or put a "
+                "checkpoint from `sdfsmis train` there (`--conf checkpoint PATH`); `--conf allow_untrained true` "
+                "serves the untrained head for demos, every result flagged untrained."
+            )
+
+    def status(self) -> dict:
+        try:
+            self.check()
+            available, reason = True, ""
+        except ModelUnavailable as error:
+            available, reason = False, str(error)
+        return {
+            "available": available,
+            "reason": reason,
+            "backbone": str(self.settings.backbone),
+            "checkpoint": str(self.settings.checkpoint),
+            "trained": self._checkpoint_stamp() is not None,
+            "device": self.settings.device,
+            "loaded": self._model is not None,
+        }
+
+    def segmenter(self) -> tuple[VolumeSegmenter, bool]:
+        """The loaded model (loaded once; a newer checkpoint is picked up) and whether it is trained."""
+        self.check()
+        with self._lock:
+            config = self.config
+            if self._model is None:
+                self._model = SDFSMIS.from_backbone(self.settings.backbone, config.model, device=self.settings.device)
+                self._model.eval()
+            stamp = self._checkpoint_stamp()
+            if stamp is not None and stamp != self._loaded_checkpoint:
+                load_weights(self._model, self.settings.checkpoint)
+                self._loaded_checkpoint = stamp
+            return VolumeSegmenter(self._model, config.inference, progress=False), stamp is not None

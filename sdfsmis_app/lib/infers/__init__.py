@@ -1,0 +1,3 @@
+from .sdfsmis import SDFSMISInfer
+
+__all__ = ["SDFSMISInfer"]

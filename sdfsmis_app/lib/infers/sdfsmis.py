@@ -1,0 +1,81 @@
+"""The ``sdfsmis`` infer task: one-shot segmentation of the requested image with the support
+resolved from the request or the datastore; labels keep the support's ids and names."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+from fastapi import HTTPException
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from sdfsmis.volume import VolumeError, check_same_geometry, load_volume
+from sdfsmis.weights import CheckpointError
+
+from ..configs import ModelRuntime, ModelUnavailable
+from .support import SupportNotFound, image_id_of, resolve_support
+
+logger = logging.getLogger(__name__)
+
+
+class SDFSMISInfer(InferTask):
+    def __init__(self, runtime: ModelRuntime, datastore: Datastore):
+        super().__init__(
+            type=InferType.SEGMENTATION,  # one of the types OHIF's MONAI Label panel lists
+            labels=None,  # labels come from the support of each request
+            dimension=3,
+            description="One-shot segmentation (SD-FSMIS): the structures of a submitted or uploaded label are "
+            "segmented in the rest of the volume or in another patient's volume",
+            config={"support": "", "labels": ""},
+        )
+        self.runtime = runtime
+        self.datastore = datastore
+
+    def is_valid(self) -> bool:
+        return True  # listed even when unavailable: info() says why
+
+    def info(self) -> dict:
+        return {**super().info(), "sdfsmis": self.runtime.status()}
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        try:
+            return self._infer(request)
+        except ModelUnavailable as error:
+            raise HTTPException(status_code=503, detail=f"sdfsmis model unavailable: {error}") from error
+        except CheckpointError as error:
+            raise HTTPException(status_code=503, detail=f"sdfsmis checkpoint unusable: {error}") from error
+        except SupportNotFound as error:
+            raise HTTPException(status_code=400, detail=str(error)) from error
+        except VolumeError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from error
+
+    def _infer(self, request: dict) -> tuple[str, dict]:
+        started = time.perf_counter()
+        segmenter, trained = self.runtime.segmenter()
+        image_id = image_id_of(self.datastore, request["image"])
+        support = resolve_support(request, self.datastore, image_id)
+        query = load_volume(request["image"])
+        support_image = query if support.image.resolve() == query.path.resolve() else load_volume(support.image)
+        support_label = load_volume(support.label, label=True)
+        check_same_geometry(support_image, support_label)
+        wanted = [int(k) for k in str(request.get("labels") or "").split(",") if k.strip()] or None
+        result = segmenter.segment(support_image, support_label, query, wanted)
+        output = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        query.save_label(result.labels, output)
+        names = {k: support.label_names.get(k, f"label_{k}") for k in result.reports}
+        summary = result.summary()
+        response = {
+            "label_names": {name: k for k, name in names.items()},
+            "support": support.describe(),
+            "voxels": {names[k]: r.voxels for k, r in result.reports.items()},
+            "support_slices": summary["support_slices"],
+            "trained": trained,
+            "seconds": round(time.perf_counter() - started, 3),
+            "seconds_per_slice": summary["seconds_per_slice"],
+        }
+        if not trained:
+            response["warning"] = "untrained SD-FSMIS head (allow_untrained): this result is not meaningful"
+        logger.info(f"sdfsmis: {response}")
+        return output, response

@@ -1,0 +1,108 @@
+"""Where the support of a request comes from, in order of precedence:
+
+a. a labelmap uploaded with the request (Slicer's scribbles path: the file ``label``) -> the
+   annotated slices of the SAME image are the support;
+b. a submitted final label of the same image (a partially annotated volume) -> same as a.;
+c. the request param ``support`` = an image id whose final label is the support (cohort flow);
+d. the most recently submitted final label in the datastore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+
+FINAL = DefaultLabelTag.FINAL.value
+
+
+class SupportNotFound(LookupError):
+    """No usable support; the message says what to do."""
+
+
+@dataclass
+class Support:
+    image: Path
+    label: Path
+    source: str  # "uploaded_label" | "same_image_label" | "support_param" | "latest_label"
+    image_id: str | None
+    label_names: dict[int, str] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "image": self.image_id,
+            "label_names": {str(k): v for k, v in self.label_names.items()},
+        }
+
+
+def label_names_from_info(label_info: list | dict | None) -> dict[int, str]:
+    """Slicer's ``label_info`` ([{"name", "idx"}, ...]) or a {name: idx} map -> {idx: name}."""
+    if isinstance(label_info, dict):
+        return {int(idx): str(name) for name, idx in label_info.items()}
+    names = {}
+    for entry in label_info or []:
+        if isinstance(entry, dict) and "idx" in entry and "name" in entry:
+            names[int(entry["idx"])] = str(entry["name"])
+    return names
+
+
+def image_id_of(datastore: Datastore, path: str) -> str | None:
+    resolved = Path(path).resolve()
+    for image_id in datastore.list_images():
+        if Path(datastore.get_image_uri(image_id)).resolve() == resolved:
+            return image_id
+    return None
+
+
+def _final_label(datastore: Datastore, image_id: str) -> Support | None:
+    label_id = datastore.get_label_by_image_id(image_id, FINAL)
+    if not label_id:
+        return None
+    info = datastore.get_label_info(label_id, FINAL) or {}
+    return Support(
+        image=Path(datastore.get_image_uri(image_id)),
+        label=Path(datastore.get_label_uri(label_id, FINAL)),
+        source="",
+        image_id=image_id,
+        label_names=label_names_from_info(info.get("label_info") or info.get("label_names")),
+    )
+
+
+def resolve_support(request: dict, datastore: Datastore, image_id: str | None) -> Support:
+    if request.get("label"):
+        return Support(
+            Path(request["image"]),
+            Path(request["label"]),
+            "uploaded_label",
+            image_id,
+            label_names_from_info(request.get("label_info") or request.get("label_names")),
+        )
+    if image_id and (support := _final_label(datastore, image_id)):
+        support.source = "same_image_label"
+        return support
+    if requested := request.get("support"):
+        if requested not in datastore.list_images():
+            raise SupportNotFound(f"support image '{requested}' is not in the datastore")
+        support = _final_label(datastore, requested)
+        if support is None:
+            raise SupportNotFound(f"support image '{requested}' has no final label: submit a label for it first")
+        support.source = "support_param"
+        return support
+    latest = max(
+        (
+            (datastore.get_label_info(label_id, FINAL).get("ts", 0), image)
+            for image in datastore.get_labeled_images(FINAL)
+            if (label_id := datastore.get_label_by_image_id(image, FINAL))
+        ),
+        default=None,
+    )
+    if latest is None:
+        raise SupportNotFound(
+            "no support: annotate the structure on one slice and submit it as a final label "
+            "('Submit Label' in Slicer), upload a label with the request, or name a labelled image in param 'support'"
+        )
+    support = _final_label(datastore, latest[1])
+    support.source = "latest_label"
+    return support

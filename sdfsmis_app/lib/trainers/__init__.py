@@ -1,0 +1,3 @@
+from .sdfsmis import SDFSMISTrain
+
+__all__ = ["SDFSMISTrain"]

@@ -1,0 +1,95 @@
+"""The ``sdfsmis`` train task: self-supervised episodic fine-tuning on the datastore's images
+(unlabeled are fine; submitted final labels can be mixed in), checkpoints in the app's model
+folder, the result published atomically where the infer task picks it up."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from sdfsmis.checkpoints import publish
+from sdfsmis.trainer import TrainingRun, train
+from sdfsmis.weights import WEIGHTS_NAME
+
+from ..configs import ModelRuntime
+
+
+class SDFSMISTrain(TrainTask):
+    def __init__(self, runtime: ModelRuntime):
+        super().__init__("Self-supervised SD-FSMIS fine-tuning on 3-D supervoxel pseudo-labels of the datastore images")
+        self.runtime = runtime
+
+    @property
+    def stats_file(self) -> Path:
+        return self.runtime.settings.model_dir / "train_stats.json"
+
+    def config(self) -> dict:
+        training = self.runtime.config.training
+        return {
+            "iterations": training.iterations,
+            "batch_size": 1,
+            "checkpoint_every": training.checkpoint_every,
+            "gt_rate": training.gt_rate,
+            "resume": False,
+        }
+
+    def stats(self) -> dict:
+        try:
+            return json.loads(self.stats_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _write_stats(self, stats: dict) -> None:
+        tmp = self.stats_file.with_name(self.stats_file.name + ".tmp")
+        tmp.write_text(json.dumps(stats))
+        os.replace(tmp, self.stats_file)
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        settings = self.runtime.settings
+        settings.model_dir.mkdir(parents=True, exist_ok=True)
+        config = self.runtime.config
+        defaults = self.config()
+        params = {
+            k: type(v)(request.get(k, v))
+            if not isinstance(v, bool)
+            else str(request.get(k, v)).lower() in ("1", "true", "yes")
+            for k, v in defaults.items()
+        }
+        config.training.checkpoint_every = params["checkpoint_every"]
+        config.training.validate_every = params["checkpoint_every"]
+        config.training.gt_rate = params["gt_rate"]
+        images = [Path(datastore.get_image_uri(i)) for i in sorted(datastore.list_images())]
+        stats = {"status": "RUNNING", "total_iterations": params["iterations"], "iteration": 0}
+        self._write_stats(stats)
+
+        def on_step(record: dict) -> None:
+            stats.update(record)
+            self._write_stats(stats)
+
+        run = TrainingRun(
+            backbone=settings.backbone,
+            images=images,
+            output=settings.model_dir / "train",
+            config=config,
+            iterations=params["iterations"],
+            device=settings.device,
+            resume=params["resume"],
+            batch_size=params["batch_size"],
+            use_labels=params["gt_rate"] > 0,
+            progress=False,
+            on_step=on_step,
+        )
+        try:
+            summary = train(run)
+        except Exception as error:
+            stats.update({"status": "FAILED", "error": str(error)})
+            self._write_stats(stats)
+            raise
+        publish(run.output / WEIGHTS_NAME, settings.checkpoint)
+        stats.update({"status": "DONE", "checkpoint": str(settings.checkpoint), **summary["final"]})
+        self._write_stats(stats)
+        return {k: v for k, v in summary.items() if k != "losses"}

@@ -1,0 +1,69 @@
+"""MONAI Label app serving SD-FSMIS one-shot segmentation (infer and train task ``sdfsmis``).
+
+    monailabel start_server --app sdfsmis_app --studies STUDIES --host 127.0.0.1 \
+        --conf backbone models/sd15 [--conf device cuda] [--conf checkpoint PATH]
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from monailabel.interfaces.app import MONAILabelApp
+
+import lib.configs
+import lib.infers
+import lib.trainers
+from lib.infers.support import FINAL, label_names_from_info
+from sdfsmis import __version__
+from sdfsmis.volume import VolumeError, load_volume
+
+logger = logging.getLogger(__name__)
+
+
+class SDFSMISApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        self.settings = lib.configs.AppSettings.from_conf(conf, app_dir)
+        self.runtime = lib.configs.ModelRuntime(self.settings)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SD-FSMIS",
+            description="One-shot segmentation with Stable Diffusion v1.5 adapted for few-shot medical image "
+            "segmentation. Research annotation assistant; not for clinical use (CreativeML OpenRAIL-M).",
+            version=__version__,
+        )
+        logger.info(f"sdfsmis model status: {self.runtime.status()}")
+
+    def init_infers(self) -> dict:
+        return {"sdfsmis": lib.infers.SDFSMISInfer(self.runtime, self.datastore())}
+
+    def init_trainers(self) -> dict:
+        return {"sdfsmis": lib.trainers.SDFSMISTrain(self.runtime)}
+
+    def batch_infer(self, request, datastore=None):
+        # MONAI Label spreads batch requests over all GPUs by default: none on a CPU server
+        request.setdefault("multi_gpu", torch.cuda.is_available())
+        return super().batch_infer(request, datastore)
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict:
+        """Tell the annotator that the submitted label now serves as a support."""
+        datastore = self.datastore()
+        try:
+            label = load_volume(datastore.get_label_uri(label_id, FINAL), label=True)
+        except (VolumeError, FileNotFoundError) as error:
+            return {"sdfsmis": {"support_available": False, "message": f"label cannot serve as a support: {error}"}}
+        ids = sorted(int(k) for k in set(label.data.ravel().tolist()) - {0})
+        info = datastore.get_label_info(label_id, FINAL) or {}
+        names = label_names_from_info(info.get("label_info"))
+        listed = [names.get(k, f"label_{k}") for k in ids]
+        if not ids:
+            return {"sdfsmis": {"support_available": False, "message": "the submitted label is empty"}}
+        return {
+            "sdfsmis": {
+                "support_available": True,
+                "labels": listed,
+                "message": f"label of '{image_id}' is now available as a support for: {', '.join(listed)}",
+            }
+        }

@@ -35,3 +35,37 @@ def tiny_model(tiny_backbone, tiny_config):
 
     torch.manual_seed(0)
     return SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).eval()
+
+
+@pytest.fixture(scope="session")
+def fitted_backbone(tmp_path_factory) -> Path:
+    """A tiny backbone whose VAE is fitted as an autoencoder, as the real SD VAE is pretrained."""
+    from sdfsmis.backbone import make_tiny_backbone
+    from sdfsmis.tiny_vae import fit_tiny_vae
+
+    backbone = make_tiny_backbone(tmp_path_factory.mktemp("fitted") / "tiny")
+    fit_tiny_vae(backbone, steps=200)
+    return backbone
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(fitted_backbone, tmp_path_factory) -> Path:
+    """A few minutes of self-supervised training on generated volumes (supervoxels only)."""
+    from sdfsmis.config import load_config
+    from sdfsmis.synthetic import make_studies
+    from sdfsmis.trainer import TrainingRun, train
+
+    root = tmp_path_factory.mktemp("trained")
+    images = make_studies(root / "studies", 4, seed=10)
+    run = TrainingRun(
+        fitted_backbone,
+        images,
+        root / "ckpt",
+        load_config(backbone=fitted_backbone),
+        iterations=400,
+        batch_size=4,
+        use_labels=False,
+        progress=False,
+    )
+    train(run)
+    return root / "ckpt" / "sdfsmis.safetensors"

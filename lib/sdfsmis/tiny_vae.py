@@ -53,4 +53,4 @@ def fit_tiny_vae(backbone: Path, steps: int = 400, seed: int = 0, volumes: int =
         loss.backward()
         optimiser.step()
     vae.save_pretrained(backbone / "vae", safe_serialization=True)
-    return float(reconstruction)
+    return float(reconstruction.detach())

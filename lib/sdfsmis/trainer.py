@@ -19,7 +19,7 @@ from .checkpoints import publish, read_state, resume, write_checkpoint
 from .config import SDFSMISConfig
 from .episodes import EpisodeSampler, TrainingVolume
 from .model import SDFSMIS
-from .weights import WEIGHTS_NAME
+from .weights import WEIGHTS_NAME, load_weights
 
 IMAGE_PATTERNS = ("*.nii.gz", "*.nii")
 
@@ -62,6 +62,7 @@ class TrainingRun:
     exclude_classes: list[int] = field(default_factory=list)
     exclusion_rule: str = "any"
     use_labels: bool = True
+    init_checkpoint: Path | None = None  # start from these weights (e.g. the served model)
     progress: bool = True
     on_step: Callable[[dict], None] | None = None
 
@@ -132,6 +133,8 @@ class Trainer:
         run, cfg = self.run, self.run.config.training
         run.output.mkdir(parents=True, exist_ok=True)
         state = resume(run.output, self.model, self.optimizer) if run.resume else None
+        if state is None and run.init_checkpoint is not None:
+            load_weights(self.model, run.init_checkpoint)
         start = state["iteration"] if state else 0
         best = state.get("best_dice", -1.0) if state else -1.0
         if state:

@@ -82,6 +82,7 @@ class SDFSMISTrain(TrainTask):
             use_labels=params["gt_rate"] > 0,
             progress=False,
             on_step=on_step,
+            init_checkpoint=settings.checkpoint if settings.checkpoint.is_file() else None,
         )
         try:
             summary = train(run)

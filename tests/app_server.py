@@ -1,0 +1,51 @@
+"""Start and stop the REAL MONAI Label server on loopback, as a user does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+APP = Path(__file__).resolve().parents[1] / "sdfsmis_app"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def monailabel_server(studies: Path, log: Path, *conf: tuple[str, str], env: dict | None = None):
+    """``monailabel start_server --app sdfsmis_app ...``; yields the URL once /info/ answers."""
+    port = free_port()
+    bindir = str(Path(sys.executable).parent)
+    environment = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "HF_HUB_OFFLINE": "1", **(env or {})}
+    command = [os.path.join(bindir, "monailabel"), "start_server", "--app", str(APP), "--studies", str(studies)]
+    for key, value in conf:
+        command += ["--conf", key, str(value)]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url + "/info/", timeout=5)
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)

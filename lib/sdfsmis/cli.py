@@ -31,6 +31,18 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
     print(f"tiny backbone written to {directory}")
 
 
+def cmd_sample_data(args: argparse.Namespace) -> None:
+    from .synthetic import make_studies
+
+    paths = make_studies(
+        Path(args.dir), args.count, seed=args.seed, with_labels=args.with_labels, modality=args.modality
+    )
+    print(
+        f"{len(paths)} generated {args.modality} volumes in {args.dir}"
+        + (" (+ labels/final)" if args.with_labels else "")
+    )
+
+
 def cmd_supervoxels(args: argparse.Namespace) -> None:
     from .supervoxels import run_supervoxels_cli
 
@@ -109,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--fit-vae", type=int, default=0, metavar="STEPS", help="fit the tiny VAE on generated slices (learning demos)"
     )
     tiny.set_defaults(run=cmd_make_tiny)
+
+    sample = commands.add_parser("sample-data", help="generated abdominal NIfTI volumes for a quick start")
+    sample.add_argument("dir")
+    sample.add_argument("--count", type=int, default=4)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--modality", default="CT", choices=["CT", "MR"])
+    sample.add_argument("--with-labels", action="store_true", help="also write ground truth to DIR/labels/final")
+    sample.set_defaults(run=cmd_sample_data)
 
     supervoxels = commands.add_parser("supervoxels", help="3-D supervoxel pseudo-labels of a volume")
     supervoxels.add_argument("--image", required=True, type=Path)

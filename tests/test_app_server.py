@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import nibabel as nib
@@ -85,6 +87,23 @@ def test_submit_then_infer_another_image_then_uploaded_slice(server, tmp_path):
     other = np.delete(np.arange(out.shape[2]), z)
     assert (out[..., other] == 1).sum() > 0  # and the structure is found on other slices
     assert (root / "studies" / "labels" / "final" / "case_000.nii.gz").is_file()
+
+
+def test_batch_infer_segments_the_unlabeled_images_with_one_support(server, tmp_path):
+    url, root = server
+    request = urllib.request.Request(
+        url + "/batch/infer/sdfsmis?run_sync=true",
+        data=json.dumps({"support": "case_000"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        results = json.loads(response.read())
+    assert {"case_001", "case_002"} <= set(results)
+    for image_id in ("case_001", "case_002"):
+        assert results[image_id]["params"]["support"]["image"] == "case_000"
+        assert (root / "studies" / "labels" / "original" / f"{image_id}.nii.gz").is_file()
+    assert (root / "studies" / "labels" / "final" / "case_000.nii.gz").is_file()  # nothing final overwritten
 
 
 def test_train_task_completes_and_changes_next_inference(server, tmp_path):

@@ -181,3 +181,22 @@ def test_default_hub_backbone_offline_gives_clear_error(monkeypatch, tiny_config
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     with pytest.raises(BackboneNotFoundError, match="sdfsmis download"):
         SDFSMIS.from_backbone("default", tiny_config.model)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, tiny_config):
+    image, mask, query = _episode(tiny_config.model.resolution, queries=1)
+    query_mask = torch.roll(mask, 3, dims=-1)
+    tiny_model.train()
+
+    def loss_and_grads():
+        tiny_model.zero_grad()
+        loss = tiny_model.training_loss(image, mask, query, query_mask, torch.Generator().manual_seed(1))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in tiny_model.unet.parameters() if p.grad is not None]
+
+    plain_loss, plain = loss_and_grads()
+    tiny_model.unet.enable_gradient_checkpointing()
+    checkpointed_loss, checkpointed = loss_and_grads()
+    assert checkpointed_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert len(plain) == len(checkpointed) > 0
+    assert max((a - b).abs().max().item() for a, b in zip(plain, checkpointed)) < 1e-5

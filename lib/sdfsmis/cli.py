@@ -56,6 +56,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.backbone)
     if args.seed is not None:
         config.training.seed = args.seed
+    if args.gradient_checkpointing:
+        config.training.gradient_checkpointing = True
     for key in ("checkpoint_every", "validate_every"):
         if getattr(args, key):
             setattr(config.training, key, getattr(args, key))
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--exclusion-rule", default="any", choices=["any", "all"])
     training.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     training.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
+    training.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     training.set_defaults(run=cmd_train)
 
     download = commands.add_parser("download", help="fetch SD v1.5 (vae, unet) + DINOv2-small")

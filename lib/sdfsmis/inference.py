@@ -139,12 +139,10 @@ class VolumeSegmenter:
         index = torch.from_numpy(assign_supports(query_z, support_z, mapping)).to(self.model.device)
 
         support_grid = SliceGrid(*support_image.shape[:2], self.resolution)
-        mask = (self._model_slices(support_mask.astype(np.float32), support_z, support_grid, "bilinear") > 0.5).float()
-        empty = mask.flatten(1).sum(dim=1) == 0
-        if empty.any():  # a structure thinner than a model pixel: keep any overlap
-            mask = (
-                self._model_slices(support_mask.astype(np.float32), support_z, support_grid, "bilinear") > 0
-            ).float()
+        coverage = self._model_slices(support_mask.astype(np.float32), support_z, support_grid, "bilinear")
+        mask = (coverage > 0.5).float()
+        if (mask.flatten(1).sum(dim=1) == 0).any():  # a structure thinner than a model pixel: keep any overlap
+            mask = (coverage > 0).float()
         support = self.model.encode_support(self._model_slices(support_image, support_z, support_grid), mask)
 
         grid = SliceGrid(*query_image.shape[:2], self.resolution)

@@ -17,6 +17,14 @@ from sdfsmis.weights import WEIGHTS_NAME
 
 from ..configs import ModelRuntime
 
+TRUE = ("1", "true", "yes")
+
+
+def _param(request: dict, key: str, default):
+    """A request value coerced to the type of its default (requests may carry strings)."""
+    value = request.get(key, default)
+    return str(value).lower() in TRUE if isinstance(default, bool) else type(default)(value)
+
 
 class SDFSMISTrain(TrainTask):
     def __init__(self, runtime: ModelRuntime):
@@ -52,13 +60,7 @@ class SDFSMISTrain(TrainTask):
         settings = self.runtime.settings
         settings.model_dir.mkdir(parents=True, exist_ok=True)
         config = self.runtime.config
-        defaults = self.config()
-        params = {
-            k: type(v)(request.get(k, v))
-            if not isinstance(v, bool)
-            else str(request.get(k, v)).lower() in ("1", "true", "yes")
-            for k, v in defaults.items()
-        }
+        params = {key: _param(request, key, default) for key, default in self.config().items()}
         config.training.checkpoint_every = params["checkpoint_every"]
         config.training.validate_every = params["checkpoint_every"]
         config.training.gt_rate = params["gt_rate"]

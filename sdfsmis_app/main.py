@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from monailabel.interfaces.app import MONAILabelApp
 
 import lib.configs
+import lib.dicomweb
 import lib.infers
 import lib.trainers
 from lib.infers.support import FINAL, label_names_from_info
@@ -35,6 +37,18 @@ class SDFSMISApp(MONAILabelApp):
             version=__version__,
         )
         logger.info(f"sdfsmis model status: {self.runtime.status()}")
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):  # a DICOMweb PACS (OHIF's path)
+            self.studies = self.studies.rstrip("/")
+            return lib.dicomweb.connect(self.studies, self.settings.modalities)
+        return super().init_datastore()
+
+    def infer(self, request, datastore=None):
+        # MONAI Label replaces the image id by a local path: keep the id (a support is looked up by it)
+        if isinstance(request.get("image"), str) and not os.path.exists(request["image"]):
+            request = {**request, "image_id": request["image"]}
+        return super().infer(request, datastore)
 
     def init_infers(self) -> dict:
         return {"sdfsmis": lib.infers.SDFSMISInfer(self.runtime, self.datastore())}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import dicom_cli
 from .backbone import DEFAULT_BACKBONE, BackboneNotFoundError
 
 
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--resolution", type=int, default=None, help="model slice size (default: the preset's)")
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     infer.set_defaults(run=cmd_infer)
+
+    dicom_cli.register(commands)
     return parser
 
 

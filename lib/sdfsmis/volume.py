@@ -11,7 +11,10 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import ITKWriter
 from nibabel import orientations
+
+LABEL_FORMATS = (".nii.gz", ".nii", ".nrrd")
 
 
 class VolumeError(ValueError):
@@ -38,9 +41,18 @@ class Volume:
         return orientations.apply_orientation(array, back)
 
     def save_label(self, array: np.ndarray, path: str | Path) -> Path:
-        """Write a label array (RAS working orientation) with the original shape and affine."""
+        """Write a label array (RAS working orientation) with the original shape, voxel order and
+        affine, as NIfTI or as raw NRRD (what OHIF reads, straight into its volume's voxel order)."""
+        if not str(path).endswith(LABEL_FORMATS):
+            raise VolumeError(f"cannot write a label as {Path(path).name}: use one of {', '.join(LABEL_FORMATS)}")
         labels = self.to_original(array)
         dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+        if str(path).endswith(".nrrd"):
+            writer = ITKWriter(output_dtype=dtype, affine_lps_to_ras=True)  # our affine is RAS, ITK's LPS
+            writer.set_data_array(labels.astype(dtype), channel_dim=None)
+            writer.set_metadata({"affine": self.affine, "original_affine": self.affine}, resample=False)
+            writer.write(str(path), compression=False)
+            return Path(path)
         header = self.header.copy()
         header.set_data_dtype(dtype)
         image = nib.Nifti1Image(labels.astype(dtype), self.affine, header)

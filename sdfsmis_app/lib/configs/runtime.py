@@ -31,6 +31,7 @@ class AppSettings:
     checkpoint: Path
     allow_untrained: bool
     preset: str | None
+    modalities: list[str]  # DICOMweb mode: the modalities of the image series served
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str) -> AppSettings:
@@ -43,6 +44,7 @@ class AppSettings:
             checkpoint=Path(conf.get("checkpoint") or model_dir / WEIGHTS_NAME),
             allow_untrained=str(conf.get("allow_untrained", "false")).lower() in TRUE,
             preset=conf.get("preset"),
+            modalities=str(conf.get("modalities", "CT,MR")).split(","),
         )
 
 

@@ -11,11 +11,11 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from sdfsmis.volume import VolumeError, check_same_geometry, load_volume
+from sdfsmis.volume import LABEL_FORMATS, VolumeError, check_same_geometry, load_volume
 from sdfsmis.weights import CheckpointError
 
 from ..configs import ModelRuntime, ModelUnavailable
-from .support import SupportNotFound, image_id_of, resolve_support
+from .support import SupportNotFound, resolve_support, support_label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class SDFSMISInfer(InferTask):
         return True  # listed even when unavailable: info() says why
 
     def info(self) -> dict:
-        return {**super().info(), "sdfsmis": self.runtime.status()}
+        # OHIF builds its segment list from the model's labels when it connects
+        return {**super().info(), "labels": support_label_ids(self.datastore), "sdfsmis": self.runtime.status()}
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         try:
@@ -54,20 +55,24 @@ class SDFSMISInfer(InferTask):
     def _infer(self, request: dict) -> tuple[str, dict]:
         started = time.perf_counter()
         segmenter, trained = self.runtime.segmenter()
-        image_id = image_id_of(self.datastore, request["image"])
-        support = resolve_support(request, self.datastore, image_id)
+        support = resolve_support(request, self.datastore, request.get("image_id"))
         query = load_volume(request["image"])
         support_image = query if support.image.resolve() == query.path.resolve() else load_volume(support.image)
         support_label = load_volume(support.label, label=True)
         check_same_geometry(support_image, support_label)
         wanted = [int(k) for k in str(request.get("labels") or "").split(",") if k.strip()] or None
         result = segmenter.segment(support_image, support_label, query, wanted)
-        output = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        # OHIF asks for raw NRRD (result_extension ".nrrd"), Slicer and the CLI get NIfTI
+        suffix = request.get("result_extension") or ".nii.gz"
+        if suffix not in LABEL_FORMATS:
+            raise VolumeError(f"result_extension {suffix!r} is not supported: use one of {', '.join(LABEL_FORMATS)}")
+        output = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
         query.save_label(result.labels, output)
-        names = {k: support.label_names.get(k, f"label_{k}") for k in result.reports}
+        names = {k: support.name(k) for k in result.reports}
         summary = result.summary()
         response = {
             "label_names": {name: k for k, name in names.items()},
+            "label_colors": {names[k]: support.colour(k) for k in result.reports},
             "support": support.describe(),
             "voxels": {names[k]: r.voxels for k, r in result.reports.items()},
             "support_slices": summary["support_slices"],

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+
+from sdfsmis.dicom_seg import palette_colour
 
 FINAL = DefaultLabelTag.FINAL.value
 
@@ -28,6 +31,13 @@ class Support:
     source: str  # "uploaded_label" | "same_image_label" | "support_param" | "latest_label"
     image_id: str | None
     label_names: dict[int, str] = field(default_factory=dict)
+    label_colours: dict[int, list[int]] = field(default_factory=dict)
+
+    def name(self, idx: int) -> str:
+        return self.label_names.get(idx, f"label_{idx}")
+
+    def colour(self, idx: int) -> list[int]:
+        return self.label_colours.get(idx) or label_colour({"idx": idx, "name": self.name(idx)})
 
     def describe(self) -> dict:
         return {
@@ -35,6 +45,12 @@ class Support:
             "image": self.image_id,
             "label_names": {str(k): v for k, v in self.label_names.items()},
         }
+
+
+def label_colour(entry: dict) -> list[int]:
+    """A segment's colour: its own, else the anatomy colour of its name (as OHIF picks it), else a palette."""
+    colour = entry.get("color") or GENERIC_ANATOMY_COLORS.get(str(entry.get("name", "")).lower())
+    return [int(v) for v in (colour or palette_colour(int(entry["idx"])))[:3]]
 
 
 def label_names_from_info(label_info: list | dict | None) -> dict[int, str]:
@@ -48,12 +64,29 @@ def label_names_from_info(label_info: list | dict | None) -> dict[int, str]:
     return names
 
 
-def image_id_of(datastore: Datastore, path: str) -> str | None:
-    resolved = Path(path).resolve()
-    for image_id in datastore.list_images():
-        if Path(datastore.get_image_uri(image_id)).resolve() == resolved:
-            return image_id
-    return None
+def label_colours_from_info(label_info: list | dict | None) -> dict[int, list[int]]:
+    if not isinstance(label_info, list):
+        return {}
+    return {
+        int(entry["idx"]): [int(v) for v in entry["color"][:3]]
+        for entry in label_info
+        if isinstance(entry, dict) and "idx" in entry and entry.get("color")
+    }
+
+
+def support_label_ids(datastore: Datastore) -> dict[str, int]:
+    """Name -> id of every structure some stored support provides: what the model can segment now.
+
+    In DICOMweb mode the SEG headers in the PACS are read (``seg_catalog``) instead of every label."""
+    entries: list[dict] = []
+    if catalog := getattr(datastore, "seg_catalog", None):
+        entries = [segment for seg in catalog().values() for segment in seg["segments"]]
+    else:
+        for image in datastore.get_labeled_images(FINAL):
+            info = datastore.get_label_info(datastore.get_label_by_image_id(image, FINAL), FINAL) or {}
+            names = label_names_from_info(info.get("label_info") or info.get("label_names"))
+            entries += [{"idx": idx, "name": name} for idx, name in names.items()]
+    return {entry["name"]: int(entry["idx"]) for entry in entries}
 
 
 def _final_label(datastore: Datastore, image_id: str) -> Support | None:
@@ -67,6 +100,7 @@ def _final_label(datastore: Datastore, image_id: str) -> Support | None:
         source="",
         image_id=image_id,
         label_names=label_names_from_info(info.get("label_info") or info.get("label_names")),
+        label_colours=label_colours_from_info(info.get("label_info")),
     )
 
 
@@ -78,6 +112,7 @@ def resolve_support(request: dict, datastore: Datastore, image_id: str | None) -
             "uploaded_label",
             image_id,
             label_names_from_info(request.get("label_info") or request.get("label_names")),
+            label_colours_from_info(request.get("label_info")),
         )
     if image_id and (support := _final_label(datastore, image_id)):
         support.source = "same_image_label"

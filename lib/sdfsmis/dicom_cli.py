@@ -8,11 +8,19 @@ from pathlib import Path
 
 
 def _label_names(text: str) -> list[dict]:
-    """'1=liver,2=right kidney' -> [{"idx": 1, "name": "liver"}, ...]."""
+    """'1=liver,2=right kidney' -> [{"idx": 1, "name": "liver", "color": ...}, ...], coloured by
+    name as MONAI Label and OHIF colour anatomy (when MONAI Label is installed)."""
+    try:
+        from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS as anatomy
+    except ImportError:
+        anatomy = {}
     entries = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         idx, _, name = item.partition("=")
-        entries.append({"idx": int(idx), "name": name.strip() or f"label_{idx}"})
+        entry = {"idx": int(idx), "name": name.strip() or f"label_{idx}"}
+        if colour := anatomy.get(entry["name"].lower()):
+            entry["color"] = list(colour)
+        entries.append(entry)
     return entries
 
 

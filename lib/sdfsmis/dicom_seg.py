@@ -116,7 +116,9 @@ def labelmap_to_seg(label_path: str | Path, sources: Sequence[Dataset], label_in
         skip_empty_slices=False,
         skip_missing_segment=False,
     )
-    return writer.write(mask, sources)
+    seg = writer.write(mask, sources)
+    seg.preamble = b"\0" * 128  # a complete Part-10 file, whatever writer sends it on
+    return seg
 
 
 def seg_to_labelmap(seg_path: str | Path, output: str | Path) -> list[dict]:

@@ -162,6 +162,7 @@ def _image_dataset(identity: SeriesIdentity, index: int) -> Dataset:
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
+    ds.preamble = b"\0" * 128  # a complete Part-10 file, whatever writer sends it on
     ds.is_little_endian, ds.is_implicit_VR = True, False
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
     ds.PatientName = identity.patient_id

@@ -7,13 +7,20 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 
 import lib.configs
+import lib.endpoints
 import lib.infers
 import lib.trainers
+from lib.concurrency import InferenceGate
+from lib.datastore import ValidatingDatastore
+from lib.infers.guard import http_errors
 from lib.infers.support import FINAL, label_names_from_info
 from sdfsmis import __version__
 from sdfsmis.volume import VolumeError, load_volume
@@ -25,6 +32,9 @@ class SDFSMISApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         self.settings = lib.configs.AppSettings.from_conf(conf, app_dir)
         self.runtime = lib.configs.ModelRuntime(self.settings)
+        self.gate = InferenceGate(
+            self.settings.max_concurrent_infers, self.settings.max_queued_infers, self.settings.infer_queue_timeout_s
+        )
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -35,6 +45,34 @@ class SDFSMISApp(MONAILabelApp):
             version=__version__,
         )
         logger.info(f"sdfsmis model status: {self.runtime.status()}")
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()  # DICOMweb and others: stored by their server
+        return ValidatingDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            max_voxels=self.settings.max_voxels,
+        )
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        server = sys.modules.get("monailabel.app")  # loaded when this runs inside the REST server
+        if server is not None:
+            lib.endpoints.install(server.app, self.settings.max_upload_mb)
+
+    def info(self):
+        info = super().info()
+        if "sdfsmis" in info["models"]:
+            info["models"]["sdfsmis"]["sdfsmis"]["inferences"] = self.gate.status()
+        return info
+
+    def infer(self, request, datastore=None):
+        """A bounded number at once (a bounded queue, then 503 busy), never building autograd graphs."""
+        with http_errors(), self.gate.admit(), self.runtime.inference(), torch.no_grad():
+            return super().infer(request, datastore)
 
     def init_infers(self) -> dict:
         return {"sdfsmis": lib.infers.SDFSMISInfer(self.runtime, self.datastore())}

@@ -6,16 +6,16 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from functools import partial
 
-from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from sdfsmis.volume import VolumeError, check_same_geometry, load_volume
-from sdfsmis.weights import CheckpointError
+from sdfsmis.volume import check_same_geometry, load_volume
 
-from ..configs import ModelRuntime, ModelUnavailable
-from .support import SupportNotFound, image_id_of, resolve_support
+from ..configs import ModelRuntime
+from .guard import http_errors, parse_label_ids
+from .support import image_id_of, resolve_support
 
 logger = logging.getLogger(__name__)
 
@@ -40,27 +40,20 @@ class SDFSMISInfer(InferTask):
         return {**super().info(), "sdfsmis": self.runtime.status()}
 
     def __call__(self, request: dict) -> tuple[str, dict]:
-        try:
+        with http_errors():
             return self._infer(request)
-        except ModelUnavailable as error:
-            raise HTTPException(status_code=503, detail=f"sdfsmis model unavailable: {error}") from error
-        except CheckpointError as error:
-            raise HTTPException(status_code=503, detail=f"sdfsmis checkpoint unusable: {error}") from error
-        except SupportNotFound as error:
-            raise HTTPException(status_code=400, detail=str(error)) from error
-        except VolumeError as error:
-            raise HTTPException(status_code=422, detail=str(error)) from error
 
     def _infer(self, request: dict) -> tuple[str, dict]:
         started = time.perf_counter()
         segmenter, trained = self.runtime.segmenter()
         image_id = image_id_of(self.datastore, request["image"])
         support = resolve_support(request, self.datastore, image_id)
-        query = load_volume(request["image"])
-        support_image = query if support.image.resolve() == query.path.resolve() else load_volume(support.image)
-        support_label = load_volume(support.label, label=True)
+        load = partial(load_volume, max_voxels=self.runtime.settings.max_voxels)
+        query = load(request["image"])
+        support_image = query if support.image.resolve() == query.path.resolve() else load(support.image)
+        support_label = load(support.label, label=True)
         check_same_geometry(support_image, support_label)
-        wanted = [int(k) for k in str(request.get("labels") or "").split(",") if k.strip()] or None
+        wanted = parse_label_ids(request.get("labels"), support.label_names)
         result = segmenter.segment(support_image, support_label, query, wanted)
         output = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         query.save_label(result.labels, output)

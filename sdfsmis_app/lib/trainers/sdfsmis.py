@@ -117,6 +117,9 @@ class SDFSMISTrain(TrainTask):
             self._write_stats(stats)
             raise
         publish(run.output / WEIGHTS_NAME, settings.checkpoint)
-        stats.update({"status": "DONE", "checkpoint": str(settings.checkpoint), **summary["final"]})
+        stats.update(
+            {"status": "DONE", "checkpoint": str(settings.checkpoint), "resumed_from": summary["resumed_from"]},
+            **summary["final"],
+        )
         self._write_stats(stats)
         return {k: v for k, v in summary.items() if k != "losses"}

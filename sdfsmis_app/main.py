@@ -14,6 +14,7 @@ from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
+import lib.auth
 import lib.configs
 import lib.endpoints
 import lib.infers
@@ -62,6 +63,7 @@ class SDFSMISApp(MONAILabelApp):
         server = sys.modules.get("monailabel.app")  # loaded when this runs inside the REST server
         if server is not None:
             lib.endpoints.install(server.app, self.settings.max_upload_mb)
+            lib.auth.install(server.app)
 
     def info(self):
         info = super().info()

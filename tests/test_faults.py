@@ -22,7 +22,7 @@ from sdfsmis.model import SDFSMIS
 from sdfsmis.synthetic import make_studies
 from sdfsmis.weights import WEIGHTS_NAME, load_weights
 
-SHAPE = (64, 64, 20)
+SHAPE = (48, 48, 16)
 DINOV2 = Path("dinov2") / "model.safetensors"
 
 

@@ -63,14 +63,25 @@ def _to_ras(affine: np.ndarray) -> np.ndarray:
     return orientations.ornt_transform(orientations.io_orientation(affine), orientations.axcodes2ornt("RAS"))
 
 
-def _is_itk_file(path: Path) -> bool:
-    if path.name.lower().endswith(ITK_SUFFIXES):
-        return True
+def _is_nrrd_content(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"NRRD"
     except OSError:
         return False
+
+
+def _is_itk_file(path: Path) -> bool:
+    return path.name.lower().endswith(ITK_SUFFIXES) or _is_nrrd_content(path)
+
+
+def _itk_io(path: Path):
+    """ITK picks its reader by file name; NRRD content under another name gets the NRRD reader."""
+    import itk  # slow to import (~4 s): only when such a file comes
+
+    if _is_nrrd_content(path):
+        return itk.NrrdImageIO.New()
+    return itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
 
 
 def _check_size(what: str, path: Path, shape: tuple[int, ...], max_voxels: int | None) -> None:
@@ -95,9 +106,7 @@ def _read_nifti(path: Path, what: str, label: bool, max_voxels: int | None) -> t
 
 def _itk_information(path: Path, what: str) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and RAS affine from an ITK-readable header (ITK's physical frame is LPS)."""
-    import itk  # slow to import (~4 s): only when such a file comes
-
-    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    io = _itk_io(path)
     if io is None:
         raise VolumeError(f"{what} {path.name} is not a readable NIfTI or NRRD volume")
     io.SetFileName(str(path))
@@ -123,7 +132,10 @@ def _read_itk(path: Path, what: str, label: bool, max_voxels: int | None) -> tup
 
     shape, affine = _itk_information(path, what)
     _check_size(what, path, shape, max_voxels)
-    image = itk.imread(str(path), itk.D if label else itk.F)  # float64 keeps any integer label id exact
+    pixel = itk.D if label else itk.F  # float64 keeps any integer label id exact
+    reader = itk.ImageFileReader[itk.Image[pixel, 3]].New(FileName=str(path), ImageIO=_itk_io(path))
+    reader.Update()
+    image = reader.GetOutput()
     data = itk.array_from_image(image).transpose(2, 1, 0)  # ITK arrays are [z, y, x]
     header = nib.Nifti1Image(np.zeros((1, 1, 1), np.float32), affine).header
     return data, affine, header

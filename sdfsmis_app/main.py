@@ -23,6 +23,7 @@ from lib.concurrency import InferenceGate
 from lib.datastore import ValidatingDatastore
 from lib.infers.guard import http_errors
 from lib.infers.support import FINAL, label_names_from_info
+from lib.sessions import SafeSessions
 from sdfsmis import __version__
 from sdfsmis.volume import VolumeError, load_volume
 
@@ -58,6 +59,9 @@ class SDFSMISApp(MONAILabelApp):
             max_voxels=self.settings.max_voxels,
         )
 
+    def _load_sessions(self, load=False):
+        return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY) if load else None
+
     def on_init_complete(self):
         super().on_init_complete()
         server = sys.modules.get("monailabel.app")  # loaded when this runs inside the REST server
@@ -83,6 +87,7 @@ class SDFSMISApp(MONAILabelApp):
         return {"sdfsmis": lib.trainers.SDFSMISTrain(self.runtime)}
 
     def batch_infer(self, request, datastore=None):
+        lib.endpoints.check_server_keys(request)
         # MONAI Label spreads batch requests over all GPUs by default: none on a CPU server
         request.setdefault("multi_gpu", torch.cuda.is_available())
         return super().batch_infer(request, datastore)

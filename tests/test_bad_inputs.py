@@ -198,6 +198,18 @@ CASES = {
         400,
         "support image '../studies/case_000' is not in the datastore",
     ),
+    "session id with ..": (
+        lambda url, r: requests.post(
+            f"{url}/infer/sdfsmis", params={"session_id": "..", "output": "json"}, data={"params": "{}"}
+        ),
+        400,
+        "session id '..' is not allowed",
+    ),
+    "batch params naming a server path": (
+        lambda url, r: requests.post(f"{url}/batch/infer/sdfsmis?run_sync=true", json={"label": "/etc/passwd"}),
+        400,
+        "params ['label'] are set by the server",
+    ),
     "submitted label truncated": (
         lambda url, r: put_label(url, "case_000", _truncated(nifti(r / "t.nii.gz", _blob(), _grid(r, "case_000")))),
         422,

@@ -36,6 +36,17 @@ INFER_PATH = f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}"
 SERVER_KEYS = ("image", "label", "file", "session")
 
 
+def check_server_keys(params: dict) -> None:
+    """Params may not set the keys the server fills with paths (the image, an uploaded label)."""
+    overriding = sorted(set(params) & set(SERVER_KEYS))
+    if overriding:
+        raise HTTPException(
+            status_code=400,
+            detail=f"params {overriding} are set by the server: name the image in the query (?image=ID) and "
+            "upload files as form files",
+        )
+
+
 def check_infer_request(image: str, session_id: str, params: str, uploaded: bool) -> None:
     """Refuse what MONAI Label would turn into a server path or a 500, with a 4xx naming it."""
     try:
@@ -44,13 +55,7 @@ def check_infer_request(image: str, session_id: str, params: str, uploaded: bool
         raise HTTPException(status_code=400, detail=f"form field 'params' is not valid JSON: {error}") from error
     if not isinstance(parsed, dict):
         raise HTTPException(status_code=400, detail="form field 'params' must be a JSON object")
-    overriding = sorted(set(parsed) & set(SERVER_KEYS))
-    if overriding:
-        raise HTTPException(
-            status_code=400,
-            detail=f"params {overriding} are set by the server: name the image in the query (?image=ID) and "
-            "upload files as form files",
-        )
+    check_server_keys(parsed)
     if uploaded or session_id:
         return
     if not image:

@@ -12,6 +12,8 @@
    image of the datastore (MONAI Label would take an existing server path as the image, or
    answer 500 for an unknown id), and params may not override the server-set keys
    ``image``, ``label``, ``file`` and ``session`` (which would again name server paths).
+   ``PUT /datastore/label`` is served the same way: the app's datastore decodes and checks a
+   submitted label before storing it (:mod:`lib.datastore`), which takes a while for a big one.
 2. Request bodies are bounded (``--conf max_upload_mb``): MONAI Label spools any upload to disk
    whatever its size. The limit wraps the server's ASGI stack: a declared ``Content-Length``
    above it is refused at once with 413, and a chunked body is cut off when it passes it.
@@ -27,12 +29,14 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from monailabel.config import settings
+from monailabel.endpoints import datastore as datastore_endpoint
 from monailabel.endpoints import infer as infer_endpoint
 from monailabel.interfaces.utils.app import app_instance
 
 logger = logging.getLogger(__name__)
 
 INFER_PATH = f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}"
+LABEL_PATH = f"{settings.MONAI_LABEL_API_STR}/datastore/label"
 SERVER_KEYS = ("image", "label", "file", "session")
 
 
@@ -73,20 +77,32 @@ def infer_in_threadpool(*, user=None, **kwargs):
 infer_in_threadpool.__signature__ = inspect.signature(infer_endpoint.api_run_inference)
 
 
-def serve_infer_in_threadpool(app: FastAPI) -> None:
-    """Put the threaded route FIRST in the app's routes: it answers ``POST /infer/{model}``
-    before MONAI Label's own (which stays registered and documented, same signature)."""
+def save_label_in_threadpool(*, user, **kwargs):
+    """``PUT /datastore/label`` as MONAI Label serves it, but in a worker thread."""
+    return datastore_endpoint.save_label(**kwargs, user=user.username)
+
+
+save_label_in_threadpool.__signature__ = inspect.signature(datastore_endpoint.api_save_label)
+
+THREADED = [("POST", INFER_PATH, infer_in_threadpool), ("PUT", LABEL_PATH, save_label_in_threadpool)]
+
+
+def serve_in_threadpool(app: FastAPI) -> None:
+    """Put the threaded routes FIRST in the app's routes: they answer before MONAI Label's own
+    (which stay registered and documented, same signatures)."""
     routes = app.router.routes
-    routes[:] = [r for r in routes if getattr(r, "endpoint", None) is not infer_in_threadpool]
-    route = APIRoute(
-        INFER_PATH,
-        infer_in_threadpool,
-        methods=["POST"],
-        name="api_run_inference",
-        include_in_schema=False,
-        dependency_overrides_provider=app,
-    )
-    routes.insert(0, route)
+    ours = {endpoint for _, _, endpoint in THREADED}
+    routes[:] = [r for r in routes if getattr(r, "endpoint", None) not in ours]
+    for method, path, endpoint in reversed(THREADED):
+        route = APIRoute(
+            path,
+            endpoint,
+            methods=[method],
+            name=endpoint.__name__,
+            include_in_schema=False,
+            dependency_overrides_provider=app,
+        )
+        routes.insert(0, route)
 
 
 class UploadLimit:
@@ -129,6 +145,6 @@ def limit_uploads(app: FastAPI, max_bytes: int) -> None:
 
 
 def install(app: FastAPI, max_upload_mb: float) -> None:
-    serve_infer_in_threadpool(app)
+    serve_in_threadpool(app)
     limit_uploads(app, int(max_upload_mb * 2**20))
-    logger.info(f"sdfsmis: /infer served in a thread pool; request bodies limited to {max_upload_mb:g} MB")
+    logger.info(f"sdfsmis: /infer and label uploads served in a thread pool; bodies limited to {max_upload_mb:g} MB")

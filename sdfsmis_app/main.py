@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 
+import lib.auth
 import lib.configs
 import lib.dicomweb
+import lib.endpoints
 import lib.infers
 import lib.trainers
+from lib.concurrency import InferenceGate
+from lib.datastore import ValidatingDatastore
+from lib.infers.guard import http_errors
 from lib.infers.support import FINAL, label_names_from_info
+from lib.sessions import SafeSessions
 from sdfsmis import __version__
 from sdfsmis.volume import VolumeError, load_volume
 
@@ -27,6 +36,9 @@ class SDFSMISApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         self.settings = lib.configs.AppSettings.from_conf(conf, app_dir)
         self.runtime = lib.configs.ModelRuntime(self.settings)
+        self.gate = InferenceGate(
+            self.settings.max_concurrent_infers, self.settings.max_queued_infers, self.settings.infer_queue_timeout_s
+        )
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -38,17 +50,41 @@ class SDFSMISApp(MONAILabelApp):
         )
         logger.info(f"sdfsmis model status: {self.runtime.status()}")
 
-    def init_datastore(self):
+    def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):  # a DICOMweb PACS (OHIF's path)
             self.studies = self.studies.rstrip("/")
             return lib.dicomweb.connect(self.studies, self.settings.modalities)
-        return super().init_datastore()
+        return ValidatingDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            max_voxels=self.settings.max_voxels,
+        )
+
+    def _load_sessions(self, load=False):
+        return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY) if load else None
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        server = sys.modules.get("monailabel.app")  # loaded when this runs inside the REST server
+        if server is not None:
+            lib.endpoints.install(server.app, self.settings.max_upload_mb)
+            lib.auth.install(server.app)
+
+    def info(self):
+        info = super().info()
+        if "sdfsmis" in info["models"]:
+            info["models"]["sdfsmis"]["sdfsmis"]["inferences"] = self.gate.status()
+        return info
 
     def infer(self, request, datastore=None):
+        """A bounded number at once (a bounded queue, then 503 busy), never building autograd graphs."""
         # MONAI Label replaces the image id by a local path: keep the id (a support is looked up by it)
         if isinstance(request.get("image"), str) and not os.path.exists(request["image"]):
             request = {**request, "image_id": request["image"]}
-        return super().infer(request, datastore)
+        with http_errors(), self.gate.admit(), self.runtime.inference(), torch.no_grad():
+            return super().infer(request, datastore)
 
     def init_infers(self) -> dict:
         return {"sdfsmis": lib.infers.SDFSMISInfer(self.runtime, self.datastore())}
@@ -57,6 +93,7 @@ class SDFSMISApp(MONAILabelApp):
         return {"sdfsmis": lib.trainers.SDFSMISTrain(self.runtime)}
 
     def batch_infer(self, request, datastore=None):
+        lib.endpoints.check_server_keys(request)
         # MONAI Label spreads batch requests over all GPUs by default: none on a CPU server
         request.setdefault("multi_gpu", torch.cuda.is_available())
         return super().batch_infer(request, datastore)

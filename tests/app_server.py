@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,8 @@ def monailabel_server(studies: Path, log: Path, *conf: tuple[str, str], env: dic
             try:
                 urllib.request.urlopen(url + "/info/", timeout=5)
                 break
+            except urllib.error.HTTPError:
+                break  # answering, e.g. 401 with authentication enabled
             except OSError:
                 if process.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}") from None

@@ -65,10 +65,10 @@ def test_no_support_and_unknown_support_are_clear_errors(client):
     assert client.get("/info/").status_code == 200
 
 
-def test_empty_submitted_label_is_not_announced_as_support(client, tmp_path):
+def test_empty_submitted_label_is_refused_and_not_stored(client, tmp_path):
     _, label, affine = make_volume(0)
     write_nifti(tmp_path / "empty.nii.gz", np.zeros_like(label), affine)
     with open(tmp_path / "empty.nii.gz", "rb") as f:
         response = client.put("/datastore/label?image=case_000&tag=final", files={"label": ("empty.nii.gz", f)})
-    assert response.status_code == 200
-    assert response.json()["sdfsmis"] == {"support_available": False, "message": "the submitted label is empty"}
+    assert response.status_code == 422 and "label for 'case_000' is empty" in response.json()["detail"]
+    assert client.get("/datastore/?output=all").json()["objects"]["case_000"]["labels"] == {}

@@ -1,5 +1,6 @@
-"""Medical volumes in and out: NIfTI with its affine, a canonical (RAS) working orientation
-whose third axis is axial, in-plane resampling to the model resolution in float32 (no 8-bit
+"""Medical volumes in and out: NIfTI (nibabel) or NRRD/MetaImage (ITK: what Slicer uploads) with
+their affines, a bound on size checked from the header before any voxel is read, a canonical
+(RAS) working orientation whose third axis is axial, in-plane resampling to the model resolution in float32 (no 8-bit
 round trip), and the way back to the exact geometry of the image that was sent."""
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ LABEL_FORMATS = (".nii.gz", ".nii", ".nrrd")
 
 class VolumeError(ValueError):
     """An input volume that cannot be used; the message says what is wrong with it."""
+
+
+class VolumeTooLarge(VolumeError):
+    """A volume with more voxels than the configured limit (checked before reading the data)."""
+
+
+#: Read by ITK; everything else by nibabel. An NRRD is also recognised by its magic bytes,
+#: since an upload keeps only the suffix its client gave it.
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
@@ -65,20 +75,96 @@ def _to_ras(affine: np.ndarray) -> np.ndarray:
     return orientations.ornt_transform(orientations.io_orientation(affine), orientations.axcodes2ornt("RAS"))
 
 
-def load_volume(path: str | Path, label: bool = False) -> Volume:
-    """Load a 3-D NIfTI volume (a 4-D one with a single frame is accepted) in RAS order."""
+def _is_nrrd_content(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"NRRD"
+    except OSError:
+        return False
+
+
+def _is_itk_file(path: Path) -> bool:
+    return path.name.lower().endswith(ITK_SUFFIXES) or _is_nrrd_content(path)
+
+
+def _itk_io(path: Path):
+    """ITK picks its reader by file name; NRRD content under another name gets the NRRD reader."""
+    import itk  # slow to import (~4 s): only when such a file comes
+
+    if _is_nrrd_content(path):
+        return itk.NrrdImageIO.New()
+    return itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+
+
+def _check_size(what: str, path: Path, shape: tuple[int, ...], max_voxels: int | None) -> None:
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if max_voxels is not None and voxels > max_voxels:
+        raise VolumeTooLarge(
+            f"{what} {path.name} has {voxels} voxels (shape {tuple(shape)}), more than the limit of {max_voxels}"
+        )
+
+
+def _read_nifti(path: Path, what: str, label: bool, max_voxels: int | None) -> tuple[np.ndarray, np.ndarray, object]:
+    image = nib.load(str(path))
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolumeError(f"{what} {path.name} is a {type(image).__name__}, not a NIfTI or NRRD volume")
+    raw = image.dataobj
+    if np.dtype(raw.dtype).names:
+        raise VolumeError(f"{what} {path.name} holds RGB/structured voxels, expected one grayscale channel")
+    _check_size(what, path, image.shape, max_voxels)
+    data = np.asanyarray(raw) if label else image.get_fdata(dtype=np.float32)
+    return data, image.affine.astype(np.float64), image.header
+
+
+def _itk_information(path: Path, what: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and RAS affine from an ITK-readable header (ITK's physical frame is LPS)."""
+    io = _itk_io(path)
+    if io is None:
+        raise VolumeError(f"{what} {path.name} is not a readable NIfTI or NRRD volume")
+    io.SetFileName(str(path))
+    io.ReadImageInformation()
+    if io.GetNumberOfComponents() != 1:
+        raise VolumeError(
+            f"{what} {path.name} has {io.GetNumberOfComponents()} components per voxel (RGB/vector), "
+            "expected one grayscale channel"
+        )
+    dims = io.GetNumberOfDimensions()
+    shape = tuple(io.GetDimensions(i) for i in range(dims))
+    if dims != 3:
+        raise VolumeError(f"{what} {path.name} has shape {shape}: a 3-D volume is expected")
+    direction = np.array([io.GetDirection(i) for i in range(3)], dtype=np.float64).T  # columns: axis directions
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.array([io.GetSpacing(i) for i in range(3)])[None, :]
+    affine[:3, 3] = [io.GetOrigin(i) for i in range(3)]
+    return shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _read_itk(path: Path, what: str, label: bool, max_voxels: int | None) -> tuple[np.ndarray, np.ndarray, object]:
+    import itk
+
+    shape, affine = _itk_information(path, what)
+    _check_size(what, path, shape, max_voxels)
+    pixel = itk.D if label else itk.F  # float64 keeps any integer label id exact
+    reader = itk.ImageFileReader[itk.Image[pixel, 3]].New(FileName=str(path), ImageIO=_itk_io(path))
+    reader.Update()
+    image = reader.GetOutput()
+    data = itk.array_from_image(image).transpose(2, 1, 0)  # ITK arrays are [z, y, x]
+    header = nib.Nifti1Image(np.zeros((1, 1, 1), np.float32), affine).header
+    return data, affine, header
+
+
+def load_volume(path: str | Path, label: bool = False, max_voxels: int | None = None) -> Volume:
+    """Load a 3-D volume (a 4-D one with a single frame is accepted) in RAS order, refusing one
+    of more than ``max_voxels`` voxels before reading its data."""
     path = Path(path)
     what = "label" if label else "image"
+    read = _read_itk if _is_itk_file(path) else _read_nifti
     try:
-        image = nib.load(str(path))
-        raw = image.dataobj
-        if np.dtype(raw.dtype).names:
-            raise VolumeError(f"{what} {path.name} holds RGB/structured voxels, expected one grayscale channel")
-        data = np.asanyarray(raw) if label else image.get_fdata(dtype=np.float32)
+        data, affine, header = read(path, what, label, max_voxels)
     except VolumeError:
         raise
-    except Exception as error:  # nibabel raises many types for truncated or foreign files
-        raise VolumeError(f"{what} {path.name} is not a readable NIfTI volume: {error}") from error
+    except Exception as error:  # nibabel and ITK raise many types for truncated or foreign files
+        raise VolumeError(f"{what} {path.name} is not a readable NIfTI or NRRD volume: {error}") from error
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -91,13 +177,39 @@ def load_volume(path: str | Path, label: bool = False) -> Volume:
         if not np.isfinite(data).all() or (data < 0).any() or not np.allclose(data, np.round(data)):
             raise VolumeError(f"label {path.name} must hold non-negative integer label ids")
         data = np.round(data).astype(np.int32)
-    affine = image.affine.astype(np.float64)
-    volume = Volume(data, affine, data.shape, image.header, path)
+    volume = Volume(data, affine, data.shape, header, path)
     volume.data = volume.from_original(data)
     return volume
 
 
-def check_same_geometry(image: Volume, label: Volume, atol: float = 1e-3) -> None:
+@dataclass(frozen=True)
+class Geometry:
+    """The voxel grid of a volume file, read from its header alone."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    path: Path
+
+
+def read_geometry(path: str | Path) -> Geometry:
+    """Shape (a single-frame 4-D squeezed, as :func:`load_volume` does) and affine, no voxel read."""
+    path = Path(path)
+    try:
+        if _is_itk_file(path):
+            shape, affine = _itk_information(path, "image")
+        else:
+            image = nib.load(str(path))
+            shape, affine = image.shape, image.affine.astype(np.float64)
+    except VolumeError:
+        raise
+    except Exception as error:
+        raise VolumeError(f"image {path.name} is not a readable NIfTI or NRRD volume: {error}") from error
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    return Geometry(tuple(int(n) for n in shape), affine, path)
+
+
+def check_same_geometry(image: Volume | Geometry, label: Volume | Geometry, atol: float = 1e-3) -> None:
     """A label must lie on its image's voxel grid: same shape, same affine."""
     if image.shape != label.shape:
         raise VolumeError(

@@ -1,10 +1,13 @@
 """The app's one SD-FSMIS model: settings from ``--conf``, a status that needs no loading,
-lazy loading on first use, and pick-up of a newly published checkpoint without a restart."""
+lazy loading on first use, and pick-up of a newly published checkpoint without a restart that
+never swaps weights under an inference in flight."""
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,11 @@ class AppSettings:
     allow_untrained: bool
     preset: str | None
     modalities: list[str]  # DICOMweb mode: the modalities of the image series served
+    max_voxels: int = 512 * 512 * 1024  # per volume; bigger ones are refused before their data is read
+    max_upload_mb: float = 1024.0  # per request body
+    max_concurrent_infers: int = 1  # inferences running at once (GPU memory is bounded by this)
+    max_queued_infers: int = 4  # inferences waiting for a slot; beyond that: 503 busy
+    infer_queue_timeout_s: float = 600.0  # a queued inference gives up (503) after this
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str) -> AppSettings:
@@ -45,7 +53,17 @@ class AppSettings:
             allow_untrained=str(conf.get("allow_untrained", "false")).lower() in TRUE,
             preset=conf.get("preset"),
             modalities=str(conf.get("modalities", "CT,MR")).split(","),
+            **{key: kind(conf[key]) for key, kind in _LIMITS.items() if conf.get(key) not in (None, "")},
         )
+
+
+_LIMITS = {
+    "max_voxels": int,
+    "max_upload_mb": float,
+    "max_concurrent_infers": int,
+    "max_queued_infers": int,
+    "infer_queue_timeout_s": float,
+}
 
 
 def _hub_cached() -> bool:
@@ -61,6 +79,7 @@ class ModelRuntime:
         self._lock = threading.Lock()
         self._model: SDFSMIS | None = None
         self._loaded_checkpoint: tuple[int, int] | None = None  # (mtime_ns, size)
+        self._running = 0  # inferences inside inference(): weights are not swapped under them
 
     @property
     def config(self) -> SDFSMISConfig:
@@ -109,16 +128,33 @@ class ModelRuntime:
             "loaded": self._model is not None,
         }
 
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Marks an inference in flight: a newly published checkpoint is loaded only when no
+        other inference uses the shared model (it is picked up by the next request otherwise)."""
+        with self._lock:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+
     def segmenter(self) -> tuple[VolumeSegmenter, bool]:
         """The loaded model (loaded once; a newer checkpoint is picked up) and whether it is trained."""
         self.check()
         with self._lock:
             config = self.config
             if self._model is None:
-                self._model = SDFSMIS.from_backbone(self.settings.backbone, config.model, device=self.settings.device)
-                self._model.eval()
+                try:
+                    model = SDFSMIS.from_backbone(self.settings.backbone, config.model, device=self.settings.device)
+                except Exception as error:  # noqa: BLE001 - corrupt files raise many types; none can serve
+                    raise ModelUnavailable(f"backbone {self.settings.backbone} cannot be loaded: {error}") from error
+                self._model = model.eval()
             stamp = self._checkpoint_stamp()
-            if stamp is not None and stamp != self._loaded_checkpoint:
+            # safe to swap: no other inference uses the model, or none can have (untrained is never served)
+            safe = self._running <= 1 or (self._loaded_checkpoint is None and not self.settings.allow_untrained)
+            if stamp is not None and stamp != self._loaded_checkpoint and safe:
                 load_weights(self._model, self.settings.checkpoint)
                 self._loaded_checkpoint = stamp
-            return VolumeSegmenter(self._model, config.inference, progress=False), stamp is not None
+            return VolumeSegmenter(self._model, config.inference, progress=False), self._loaded_checkpoint is not None

@@ -6,16 +6,16 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from functools import partial
 
-from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from sdfsmis.volume import LABEL_FORMATS, VolumeError, check_same_geometry, load_volume
-from sdfsmis.weights import CheckpointError
 
-from ..configs import ModelRuntime, ModelUnavailable
-from .support import SupportNotFound, resolve_support, support_label_ids
+from ..configs import ModelRuntime
+from .guard import http_errors, parse_label_ids
+from .support import resolve_support, support_label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -41,26 +41,19 @@ class SDFSMISInfer(InferTask):
         return {**super().info(), "labels": support_label_ids(self.datastore), "sdfsmis": self.runtime.status()}
 
     def __call__(self, request: dict) -> tuple[str, dict]:
-        try:
+        with http_errors():
             return self._infer(request)
-        except ModelUnavailable as error:
-            raise HTTPException(status_code=503, detail=f"sdfsmis model unavailable: {error}") from error
-        except CheckpointError as error:
-            raise HTTPException(status_code=503, detail=f"sdfsmis checkpoint unusable: {error}") from error
-        except SupportNotFound as error:
-            raise HTTPException(status_code=400, detail=str(error)) from error
-        except VolumeError as error:
-            raise HTTPException(status_code=422, detail=str(error)) from error
 
     def _infer(self, request: dict) -> tuple[str, dict]:
         started = time.perf_counter()
         segmenter, trained = self.runtime.segmenter()
         support = resolve_support(request, self.datastore, request.get("image_id"))
-        query = load_volume(request["image"])
-        support_image = query if support.image.resolve() == query.path.resolve() else load_volume(support.image)
-        support_label = load_volume(support.label, label=True)
+        load = partial(load_volume, max_voxels=self.runtime.settings.max_voxels)
+        query = load(request["image"])
+        support_image = query if support.image.resolve() == query.path.resolve() else load(support.image)
+        support_label = load(support.label, label=True)
         check_same_geometry(support_image, support_label)
-        wanted = [int(k) for k in str(request.get("labels") or "").split(",") if k.strip()] or None
+        wanted = parse_label_ids(request.get("labels"), support.label_names)
         result = segmenter.segment(support_image, support_label, query, wanted)
         # OHIF asks for raw NRRD (result_extension ".nrrd"), Slicer and the CLI get NIfTI
         suffix = request.get("result_extension") or ".nii.gz"

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import psutil
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -24,6 +25,14 @@ def _param(request: dict, key: str, default):
     """A request value coerced to the type of its default (requests may carry strings)."""
     value = request.get(key, default)
     return str(value).lower() in TRUE if isinstance(default, bool) else type(default)(value)
+
+
+def _alive(pid: int | None, started: float | None) -> bool:
+    """Whether the process that wrote the stats still runs (its start time guards against pid reuse)."""
+    try:
+        return pid is not None and psutil.Process(pid).create_time() == started
+    except psutil.Error:
+        return False
 
 
 class SDFSMISTrain(TrainTask):
@@ -47,9 +56,17 @@ class SDFSMISTrain(TrainTask):
 
     def stats(self) -> dict:
         try:
-            return json.loads(self.stats_file.read_text())
+            stats = json.loads(self.stats_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+        if stats.get("status") == "RUNNING" and not _alive(stats.get("pid"), stats.get("started")):
+            # the training process died without a word (killed, out of memory): say so, never "RUNNING"
+            stats.update(
+                status="FAILED",
+                error=f"training process {stats.get('pid')} ended unexpectedly at iteration {stats.get('iteration')} "
+                "(killed?); the served checkpoint is unchanged; continue with params {\"resume\": true}",
+            )
+        return stats
 
     def _write_stats(self, stats: dict) -> None:
         tmp = self.stats_file.with_name(self.stats_file.name + ".tmp")
@@ -65,7 +82,14 @@ class SDFSMISTrain(TrainTask):
         config.training.validate_every = params["checkpoint_every"]
         config.training.gt_rate = params["gt_rate"]
         images = [Path(datastore.get_image_uri(i)) for i in sorted(datastore.list_images())]
-        stats = {"status": "RUNNING", "total_iterations": params["iterations"], "iteration": 0}
+        me = psutil.Process()
+        stats = {
+            "status": "RUNNING",
+            "total_iterations": params["iterations"],
+            "iteration": 0,
+            "pid": me.pid,
+            "started": me.create_time(),
+        }
         self._write_stats(stats)
 
         def on_step(record: dict) -> None:
@@ -93,6 +117,9 @@ class SDFSMISTrain(TrainTask):
             self._write_stats(stats)
             raise
         publish(run.output / WEIGHTS_NAME, settings.checkpoint)
-        stats.update({"status": "DONE", "checkpoint": str(settings.checkpoint), **summary["final"]})
+        stats.update(
+            {"status": "DONE", "checkpoint": str(settings.checkpoint), "resumed_from": summary["resumed_from"]},
+            **summary["final"],
+        )
         self._write_stats(stats)
         return {k: v for k, v in summary.items() if k != "losses"}

@@ -1,0 +1,69 @@
+"""Volume reading: NRRD (what Slicer uploads) gives the same voxels and RAS geometry as the
+NIfTI it was converted from by ITK, on an oblique LPS grid; size limits act before the data is
+read; header-only geometry agrees with the full load."""
+
+from __future__ import annotations
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sdfsmis.synthetic import make_volume, write_nifti
+from sdfsmis.volume import VolumeError, VolumeTooLarge, check_same_geometry, load_volume, read_geometry
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """An oblique LPS image and label as NIfTI, and the same converted to NRRD by ITK."""
+    folder = tmp_path_factory.mktemp("volumes")
+    image, label, affine = make_volume(5, shape=(40, 36, 12), oblique=True, orientation="LPS")
+    write_nifti(folder / "image.nii.gz", image, affine)
+    write_nifti(folder / "label.nii.gz", label, affine, dtype=np.uint8)
+    itk.imwrite(itk.imread(str(folder / "image.nii.gz"), itk.F), str(folder / "image.nrrd"))
+    itk.imwrite(itk.imread(str(folder / "label.nii.gz"), itk.UC), str(folder / "label.nrrd"))
+    return folder
+
+
+@pytest.mark.parametrize("name,label", [("image", False), ("label", True)])
+def test_nrrd_reads_as_the_nifti_it_came_from(pair, name, label):
+    nifti = load_volume(pair / f"{name}.nii.gz", label=label)
+    nrrd = load_volume(pair / f"{name}.nrrd", label=label)
+    np.testing.assert_array_equal(nrrd.data, nifti.data)  # full precision, same RAS voxel order
+    np.testing.assert_allclose(nrrd.affine, nifti.affine, atol=1e-5)
+    assert nrrd.data.dtype == nifti.data.dtype and nrrd.shape == nifti.shape
+
+
+def test_label_of_an_nrrd_query_is_written_in_its_geometry(pair, tmp_path):
+    query = load_volume(pair / "image.nrrd")
+    out = query.save_label((query.data > 0).astype(np.uint8), tmp_path / "out.nii.gz")
+    np.testing.assert_allclose(nib.load(out).affine, nib.load(pair / "image.nii.gz").affine, atol=1e-4)
+    check_same_geometry(read_geometry(pair / "image.nii.gz"), load_volume(out, label=True))
+
+
+def test_an_nrrd_is_recognised_by_its_content_whatever_its_name(pair, tmp_path):
+    renamed = tmp_path / "upload.nii.gz"  # an upload keeps the suffix its client gave it
+    renamed.write_bytes((pair / "label.nrrd").read_bytes())
+    np.testing.assert_array_equal(load_volume(renamed, label=True).data, load_volume(pair / "label.nrrd", True).data)
+
+
+@pytest.mark.parametrize("name", ["image.nii.gz", "image.nrrd"])
+def test_volumes_beyond_the_limit_are_refused_from_the_header(pair, name):
+    with pytest.raises(VolumeTooLarge, match="17280 voxels .* more than the limit of 17279"):
+        load_volume(pair / name, max_voxels=17279)
+    assert load_volume(pair / name, max_voxels=17280).shape == (40, 36, 12)
+
+
+@pytest.mark.parametrize("name", ["image.nii.gz", "image.nrrd"])
+def test_geometry_from_the_header_equals_the_full_load(pair, name):
+    geometry, volume = read_geometry(pair / name), load_volume(pair / name)
+    assert geometry.shape == volume.shape
+    np.testing.assert_allclose(geometry.affine, volume.affine, atol=1e-6)
+
+
+def test_a_label_on_another_grid_is_refused(pair, tmp_path):
+    image = read_geometry(pair / "image.nii.gz")
+    moved = nib.load(pair / "label.nii.gz")
+    write_nifti(tmp_path / "moved.nii.gz", np.asarray(moved.dataobj), moved.affine @ np.diag([1, 1, 2, 1]))
+    with pytest.raises(VolumeError, match="different affines"):
+        check_same_geometry(image, load_volume(tmp_path / "moved.nii.gz", label=True))

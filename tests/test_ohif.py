@@ -100,7 +100,7 @@ def test_dicomweb_mode_serves_ct_and_mr_series_offline(server, studies):
 
 
 def test_seg_support_on_another_study_segments_the_query_with_its_names_and_colours(server, studies, tmp_path):
-    client = MONAILabelClient(server)
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
     params = {**OHIF_PARAMS, "support": studies["ct_support"]["series"]}
     result_file, result = client.infer("sdfsmis", studies["ct_query"]["series"], params)
     assert result["support"]["source"] == "support_param"
@@ -112,8 +112,8 @@ def test_seg_support_on_another_study_segments_the_query_with_its_names_and_colo
     assert set(np.unique(sitk.GetArrayFromImage(labels))) <= {0, 1, 4}
 
 
-def test_mr_series_with_mr_seg_support(server, studies):
-    client = MONAILabelClient(server)
+def test_mr_series_with_mr_seg_support(server, studies, tmp_path):
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
     params = {**OHIF_PARAMS, "support": studies["mr_support"]["series"]}
     _, result = client.infer("sdfsmis", studies["mr_query"]["series"], params)
     assert result["support"]["image"] == studies["mr_support"]["series"]
@@ -121,7 +121,7 @@ def test_mr_series_with_mr_seg_support(server, studies):
 
 
 def test_final_label_is_stored_as_seg_and_becomes_the_next_support(server, pacs, studies, tmp_path):
-    client = MONAILabelClient(server)
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
     query = studies["ct_query"]["series"]
     result_file, result = client.infer("sdfsmis", query, {"support": studies["ct_support"]["series"]})
     label_info = [{"idx": idx, "name": name} for name, idx in result["label_names"].items()]
@@ -219,7 +219,8 @@ def test_ohif_runs_sdfsmis_and_displays_the_segmentation(server, pacs, studies, 
 
     assert "Running Segmentation - Successful" in page
     # the same request as OHIF's, through the client, for the server's own answer
-    result_file, result = MONAILabelClient(server).infer("sdfsmis", studies["ct_ohif"]["series"], dict(OHIF_PARAMS))
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))  # not /tmp: the server deletes its own copy there
+    result_file, result = client.infer("sdfsmis", studies["ct_ohif"]["series"], dict(OHIF_PARAMS))
     ohif_index = {name: index for index, name in state["segments"]}
     assert set(result["label_names"]) <= set(ohif_index)  # OHIF segments carry the support's names
     served = sitk.ReadImage(result_file)

@@ -110,7 +110,7 @@ class RegistrationPropagation:
 
     title = "SimpleITK B-spline registration (affine + B-spline, training-free)"
 
-    def __init__(self, resolution: int = 128, mesh: int = 6, iterations: int = 60, seed: int = 0, threads: int = 1):
+    def __init__(self, resolution: int = 128, mesh: int = 6, iterations: int = 30, seed: int = 0, threads: int = 1):
         self.config = BaselineConfig(resolution)
         self.device = torch.device("cpu")
         self.mesh, self.iterations, self.seed, self.threads = mesh, iterations, seed, threads

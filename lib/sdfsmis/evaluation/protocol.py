@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inference import choose_support_slices
 from .dataset import PreparedDataset
 
 SHOTS = 3  # EP1: three support slices, one per query chunk
@@ -42,9 +41,15 @@ def organ_slices(label: np.ndarray, label_id: int) -> np.ndarray:
 
 
 def support_slices(label: np.ndarray, label_id: int, shots: int = SHOTS) -> list[int]:
-    """The support volume's slices at fractions 1/6, 1/2, 5/6 of its organ slices (int(p * C),
-    as the lineage's ``get_support_index``), the same rule the product uses."""
-    return choose_support_slices(organ_slices(label, label_id), shots)
+    """The support volume's organ slices at fractions 1/6, 1/2, 5/6 (``int(p * C)`` of the C
+    organ slices, the lineage's ``get_support_index``). Unlike the product's
+    :func:`sdfsmis.inference.choose_support_slices`, repeats are kept when the organ spans few
+    slices, so that there are always ``shots`` chunks, as in EP1."""
+    organ = organ_slices(label, label_id)
+    if organ.size == 0:
+        return []
+    fractions = np.array([(2 * i + 1) / (2 * shots) for i in range(shots)])
+    return [int(z) for z in organ[(fractions * organ.size).astype(int)]]
 
 
 def chunk_index(count: int, parts: int) -> np.ndarray:

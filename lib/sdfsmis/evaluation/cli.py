@@ -26,7 +26,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_sample_raw(args: argparse.Namespace) -> None:
     from .lookalike import write_chaos, write_synapse
 
-    path = (write_chaos if args.kind == "chaos" else write_synapse)(args.dir, args.patients, seed=args.seed)
+    writer = write_chaos if args.kind == "chaos" else write_synapse
+    path = writer(args.dir, args.patients, **({} if args.seed is None else {"seed": args.seed}))
     print(f"{args.patients} generated look-alike {args.kind} patients in {path}")
 
 
@@ -86,7 +87,7 @@ def add_evaluation_commands(commands) -> None:
     raw.add_argument("kind", choices=["chaos", "synapse"])
     raw.add_argument("dir", type=Path)
     raw.add_argument("--patients", type=int, default=10)
-    raw.add_argument("--seed", type=int, default=100)
+    raw.add_argument("--seed", type=int, default=None, help="first patient's seed (default: chaos 100, synapse 200)")
     raw.set_defaults(run=cmd_sample_raw)
 
     evaluate = commands.add_parser("evaluate", help="few-shot evaluation over folds (paper or realistic protocol)")

@@ -162,8 +162,8 @@ class Evaluator:
             for key in methods:
                 method = factory(key, fold.index)
                 for label_id in labels:
-                    encoded = self.encode(method, support, label_id) if self.protocol == "paper" else True
-                    if encoded is None:
+                    encoded = self.encode(method, support, label_id) if self.protocol == "paper" else None
+                    if not (support.label.data == label_id).any():
                         log(f"fold {fold.index}: support {fold.support} has no label {label_id}: class skipped")
                         continue
                     for query in queries:

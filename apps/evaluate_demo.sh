@@ -19,19 +19,31 @@ PROTOCOLS="${PROTOCOLS:-paper realistic}"
 BACKBONE="$OUT/tiny"
 declare -A NAME=([chaos]="Abd-MRI look-alike" [synapse]="Abd-CT look-alike")
 declare -A OTHER=([chaos]=synapse [synapse]=chaos)
+# Supervoxel size per data set: the tiny model (64 x 64) needs >= 100 px of a pseudo-label on two
+# adjacent slices; Synapse's thinner slices split 2000-voxel supervoxels too thinly for that.
+declare -A SUPERVOXELS=([chaos]=2000 [synapse]=5000)
 
 [ -f "$BACKBONE/sdfsmis.yaml" ] || sdfsmis make-tiny "$BACKBONE" --fit-vae 200
 for kind in chaos synapse; do
   [ -d "$OUT/raw/$kind" ] || sdfsmis sample-raw "$kind" "$OUT/raw/$kind" --patients "$PATIENTS"
   [ -f "$OUT/data/$kind/dataset.json" ] ||
-    sdfsmis prepare "$kind" "$OUT/raw/$kind" "$OUT/data/$kind" --supervoxel-min-size 2000  # the tiny preset's size
+    sdfsmis prepare "$kind" "$OUT/raw/$kind" "$OUT/data/$kind" --supervoxel-min-size "${SUPERVOXELS[$kind]}"
+  # The tiny preset with this data set's supervoxel size (the same cache as prepare's).
+  python - "$BACKBONE/sdfsmis.yaml" "$OUT/$kind.yaml" "${SUPERVOXELS[$kind]}" <<'PY'
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+config["training"]["supervoxel_min_size"] = int(sys.argv[3])
+yaml.safe_dump(config, open(sys.argv[2], "w"), sort_keys=False)
+PY
 done
 
 train() {  # DATA SETTING OUTPUT [--fold K]
-  [ -f "$3/sdfsmis.safetensors" ] || sdfsmis train --backbone "$BACKBONE" --images "$OUT/data/$1" --setting "$2" \
+  [ -f "$3/sdfsmis.safetensors" ] || sdfsmis train --backbone "$BACKBONE" --config "$OUT/$1.yaml" \
+    --images "$OUT/data/$1" --setting "$2" \
     --folds "$FOLDS" --iterations "$ITERATIONS" --batch-size 4 --output "$3" "${@:4}" > "$3.log" 2>&1
 }
 evaluate() {  # DATA SETTING PROTOCOL METHODS CHECKPOINT NAME [extra]
+  [ -f "$OUT/results/$6/results.json" ] && return
   sdfsmis evaluate --data "$OUT/data/$1" --backbone "$BACKBONE" --setting "$2" --protocol "$3" --method "$4" \
     --checkpoint "$5" --folds "$FOLDS" --output "$OUT/results/$6" "${@:7}" > "$OUT/results/$6.log" 2>&1
   tail -n 1 "$OUT/results/$6.log"

@@ -12,6 +12,7 @@ import torch
 
 from . import dicom_cli
 from .backbone import DEFAULT_BACKBONE, BackboneNotFoundError
+from .evaluation.cli import add_evaluation_commands
 
 
 def _device(name: str) -> str:
@@ -52,9 +53,12 @@ def cmd_supervoxels(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .trainer import TrainingRun, find_images, train
+    from .evaluation.protocol import training_selection
+    from .trainer import TrainingRun, train
 
     config = load_config(args.config, args.backbone)
+    exclude = [int(k) for k in args.exclude.split(",")] if args.exclude else []
+    images, exclude = training_selection(args.images, args.fold, args.folds, args.setting, exclude)
     if args.seed is not None:
         config.training.seed = args.seed
     if args.gradient_checkpointing:
@@ -64,14 +68,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             setattr(config.training, key, getattr(args, key))
     run = TrainingRun(
         backbone=args.backbone,
-        images=find_images(args.images),
+        images=images,
         output=Path(args.output),
         config=config,
         iterations=args.iterations or config.training.iterations,
         device=_device(args.device),
         resume=args.resume,
         batch_size=args.batch_size,
-        exclude_classes=[int(k) for k in args.exclude.split(",")] if args.exclude else [],
+        exclude_classes=exclude,
         exclusion_rule=args.exclusion_rule,
     )
     summary = train(run)
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--seed", type=int, default=None, help="default: the preset's (42)")
     training.add_argument("--exclude", default=None, help="Setting 2: test class ids whose slices are dropped")
     training.add_argument("--exclusion-rule", default="any", choices=["any", "all"])
+    training.add_argument("--fold", type=int, default=None, help="train fold K's model: --images is a prepared set")
+    training.add_argument("--folds", type=int, default=5)
+    training.add_argument("--setting", type=int, default=None, choices=[1, 2], help="2: drop test-class slices")
     training.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     training.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
     training.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
@@ -175,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(run=cmd_infer)
 
     dicom_cli.register(commands)
+    add_evaluation_commands(commands)
     return parser
 
 

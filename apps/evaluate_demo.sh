@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The evaluation tables on generated look-alike data, from nothing and offline: look-alike raw
+# CHAOS (DICOM + PNG) and Synapse (NIfTI) patients -> `sdfsmis prepare` -> per-fold training of
+# the tiny model (Setting 1 and 2) -> `sdfsmis evaluate` (paper and realistic protocols, tiny
+# SD-FSMIS + both training-free baselines) and cross-domain (CT -> MRI, MRI -> CT).
+# Tables: $OUT/tables.md (docs/evaluation.md shows one run). Knobs: OUT, PATIENTS, FOLDS,
+# ITERATIONS, SETTINGS, PROTOCOLS, OMP_NUM_THREADS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || bash apps/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+OUT="${OUT:-artifacts/evaluation}"
+PATIENTS="${PATIENTS:-15}"
+FOLDS="${FOLDS:-5}"
+ITERATIONS="${ITERATIONS:-300}"
+SETTINGS="${SETTINGS:-1 2}"
+PROTOCOLS="${PROTOCOLS:-paper realistic}"
+BACKBONE="$OUT/tiny"
+declare -A NAME=([chaos]="Abd-MRI look-alike" [synapse]="Abd-CT look-alike")
+declare -A OTHER=([chaos]=synapse [synapse]=chaos)
+# Supervoxel size per data set: the tiny model (64 x 64) needs >= 100 px of a pseudo-label on two
+# adjacent slices; Synapse's thinner slices split 2000-voxel supervoxels too thinly for that.
+declare -A SUPERVOXELS=([chaos]=2000 [synapse]=5000)
+
+[ -f "$BACKBONE/sdfsmis.yaml" ] || sdfsmis make-tiny "$BACKBONE" --fit-vae 200
+for kind in chaos synapse; do
+  [ -d "$OUT/raw/$kind" ] || sdfsmis sample-raw "$kind" "$OUT/raw/$kind" --patients "$PATIENTS"
+  [ -f "$OUT/data/$kind/dataset.json" ] ||
+    sdfsmis prepare "$kind" "$OUT/raw/$kind" "$OUT/data/$kind" --supervoxel-min-size "${SUPERVOXELS[$kind]}"
+  # The tiny preset with this data set's supervoxel size (the same cache as prepare's).
+  python - "$BACKBONE/sdfsmis.yaml" "$OUT/$kind.yaml" "${SUPERVOXELS[$kind]}" <<'PY'
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+config["training"]["supervoxel_min_size"] = int(sys.argv[3])
+yaml.safe_dump(config, open(sys.argv[2], "w"), sort_keys=False)
+PY
+done
+
+train() {  # DATA SETTING OUTPUT [--fold K]
+  [ -f "$3/sdfsmis.safetensors" ] || sdfsmis train --backbone "$BACKBONE" --config "$OUT/$1.yaml" \
+    --images "$OUT/data/$1" --setting "$2" \
+    --folds "$FOLDS" --iterations "$ITERATIONS" --batch-size 4 --output "$3" "${@:4}" > "$3.log" 2>&1
+}
+evaluate() {  # DATA SETTING PROTOCOL METHODS CHECKPOINT NAME [extra]
+  [ -f "$OUT/results/$6/results.json" ] && return
+  sdfsmis evaluate --data "$OUT/data/$1" --backbone "$BACKBONE" --setting "$2" --protocol "$3" --method "$4" \
+    --checkpoint "$5" --folds "$FOLDS" --output "$OUT/results/$6" "${@:7}" > "$OUT/results/$6.log" 2>&1
+  tail -n 1 "$OUT/results/$6.log"
+}
+
+mkdir -p "$OUT/ckpt" "$OUT/results"
+for kind in chaos synapse; do
+  for setting in $SETTINGS; do
+    for ((fold = 0; fold < FOLDS; fold++)); do
+      mkdir -p "$OUT/ckpt/$kind-s$setting"
+      train "$kind" "$setting" "$OUT/ckpt/$kind-s$setting/fold$fold" --fold "$fold"
+    done
+    # The baselines are training-free: Setting 2 does not change them, they run with Setting 1.
+    methods=$([ "$setting" = 1 ] && echo sdfsmis,prototype,registration || echo sdfsmis)
+    for protocol in $PROTOCOLS; do
+      evaluate "$kind" "$setting" "$protocol" "$methods" "$OUT/ckpt/$kind-s$setting/fold{fold}/sdfsmis.safetensors" \
+        "$kind-s$setting-$protocol"
+    done
+  done
+  # Cross-domain (Setting 1): one model trained on every volume of the other modality.
+  other="${OTHER[$kind]}"
+  train "$other" 1 "$OUT/ckpt/$other-all"
+  evaluate "$kind" 1 paper sdfsmis "$OUT/ckpt/$other-all/sdfsmis.safetensors" "$kind-cross-domain-paper" \
+    --trained-on "${NAME[$other]} (cross-domain)"
+done
+
+: > "$OUT/tables.md"
+for table in "$OUT"/results/*/table.md; do cat "$table" >> "$OUT/tables.md"; echo >> "$OUT/tables.md"; done
+python - "$OUT" <<'PY'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("results/*/results.json")):
+    run = json.loads(path.read_text())["run"]
+    print(f"{path.parent.name}: {run['wall_seconds']:.0f} s wall ({run['torch_threads']} torch threads)")
+PY
+echo "tables: $OUT/tables.md"

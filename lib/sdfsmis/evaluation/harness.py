@@ -1,0 +1,193 @@
+"""``sdfsmis evaluate``: run methods over the folds of a prepared data set under the paper's
+protocol (RPT EP1) or the realistic one, and score every query volume.
+
+- paper: the support volume's organ slices at 1/6, 1/2, 5/6 are the supports; the query volume's
+  ground-truth organ slices are split into 3 chunks, chunk k segmented with support k; 3-D
+  scores over those slices only. This gives the method the organ's z-range for free.
+- realistic: the product path (:class:`sdfsmis.inference.VolumeSegmenter`): the same supports,
+  the whole query volume handed over, the method finds the organ's extent itself (z-range mapped
+  from the support, absolute threshold, 3-D consistency); 3-D scores over the whole volume.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from nibabel import orientations
+from scipy import ndimage
+
+from ..config import InferenceConfig
+from ..inference import VolumeSegmenter
+from ..volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity
+from .dataset import PreparedDataset
+from .methods import Method
+from .metrics import score_volume
+from .protocol import chunk_index, make_folds, organ_slices, support_slices
+
+PROTOCOLS = ("paper", "realistic")
+
+
+def ras_spacing(volume: Volume) -> tuple[float, float, float]:
+    """Voxel size (mm) along the axes of the RAS working array."""
+    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    ornt = orientations.io_orientation(volume.affine)
+    out = np.zeros(3)
+    out[ornt[:, 0].astype(int)] = spacing
+    return tuple(float(s) for s in out)
+
+
+def largest_component_per_slice(mask: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(mask)
+    for z in range(mask.shape[2]):
+        components, count = ndimage.label(mask[..., z])
+        if count:
+            sizes = np.bincount(components.ravel())[1:]
+            out[..., z] = components == sizes.argmax() + 1
+    return out
+
+
+def paper_decision(probability: np.ndarray, index: np.ndarray, method: Method) -> np.ndarray:
+    """Binary prediction of the chunks [X, Y, Q] by the method's paper-protocol rule."""
+    prediction = np.zeros(probability.shape, dtype=bool)
+    for part in np.unique(index):
+        chunk = probability[..., index == part]
+        if method.relative_threshold is not None:
+            peak = float(chunk.max(initial=0.0))
+            prediction[..., index == part] = (chunk >= method.relative_threshold * peak) & (peak > 0)
+        else:
+            prediction[..., index == part] = chunk >= method.threshold
+    return largest_component_per_slice(prediction) if method.largest_per_slice else prediction
+
+
+@dataclass
+class Case:
+    name: str
+    image: Volume
+    label: Volume
+    normalised: np.ndarray = field(repr=False, default=None)
+
+
+def _load_case(dataset: PreparedDataset, name: str, clip: tuple[float, float]) -> Case:
+    image = load_volume(dataset.image(name))
+    return Case(name, image, load_volume(dataset.label(name), label=True), normalise_intensity(image.data, clip))
+
+
+class Evaluator:
+    def __init__(self, dataset: PreparedDataset, inference: InferenceConfig, protocol: str = "paper"):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+        self.dataset, self.inference, self.protocol = dataset, inference, protocol
+
+    def _slices(self, method: Method, data: np.ndarray, z, pad: float = -1.0) -> torch.Tensor:
+        grid = SliceGrid(*data.shape[:2], method.model.config.resolution)
+        return grid.to_model(axial_slices(data, z), pad_value=pad).to(method.model.device)
+
+    def paper(self, method: Method, query: Case, label_id: int, encoded) -> dict | None:
+        """One query volume under EP1; ``encoded`` = (support features, support slices, seconds)."""
+        z = organ_slices(query.label.data, label_id)
+        if z.size == 0:
+            return None
+        features, support_z, support_seconds = encoded
+        index = chunk_index(len(z), len(support_z))
+        grid = SliceGrid(*query.image.data.shape[:2], method.model.config.resolution)
+        probability = np.zeros((*query.image.data.shape[:2], len(z)), dtype=np.float32)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, len(z), self.inference.batch_size):
+                part = slice(start, start + self.inference.batch_size)
+                index_part = torch.from_numpy(index[part]).to(method.model.device)
+                prob = method.model.segment(features, self._slices(method, query.normalised, z[part]), index_part)
+                probability[..., part] = np.moveaxis(grid.from_model(prob.float()).cpu().numpy()[:, 0], 0, -1)
+        seconds = time.perf_counter() - started
+        prediction = paper_decision(probability, index, method)
+        truth = query.label.data[..., z] == label_id
+        return {
+            **score_volume(prediction, truth, ras_spacing(query.image)),
+            "slices": int(len(z)),
+            "seconds": seconds,
+            "support_seconds": support_seconds,
+            "support_slices": [int(s) for s in support_z],
+            "query_slices": [int(z.min()), int(z.max())],
+        }
+
+    def encode(self, method: Method, support: Case, label_id: int):
+        """The support of one class for a fold, computed once and shared by its query volumes."""
+        support_z = support_slices(support.label.data, label_id)
+        if not support_z:
+            return None
+        mask = self._slices(method, (support.label.data == label_id).astype(np.float32), support_z, pad=0.0)
+        binary = (mask > 0.5).float()
+        if (binary.flatten(1).sum(dim=1) == 0).any():  # thinner than a model pixel: keep any overlap
+            binary = (mask > 0).float()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            features = method.model.encode_support(self._slices(method, support.normalised, support_z), binary)
+        return features, support_z, time.perf_counter() - started
+
+    def realistic(self, method: Method, support: Case, query: Case, label_id: int) -> dict | None:
+        if not (query.label.data == label_id).any():
+            return None
+        segmenter = VolumeSegmenter(method.model, self.inference, progress=False)
+        with torch.inference_mode():
+            result = segmenter.segment(support.image, support.label, query.image, [label_id])
+        report = result.reports[label_id]
+        return {
+            **score_volume(result.labels == label_id, query.label.data == label_id, ras_spacing(query.image)),
+            "slices": int(query.image.data.shape[2]),
+            "seconds": result.seconds,
+            "support_slices": report.support_slices,
+            "query_slices": [min(report.query_slices), max(report.query_slices)],
+        }
+
+    def run(
+        self,
+        methods: list[str],
+        factory,
+        folds: int,
+        labels: list[int] | None = None,
+        support_index: int = 0,
+        log=print,
+    ) -> tuple[list[dict], list[dict]]:
+        """Every (fold, method, class, query volume) record, and the fold definitions."""
+        labels = labels or self.dataset.test_labels
+        clip = self.inference.clip_percentiles
+        records, fold_info = [], []
+        for fold in make_folds(self.dataset.cases, folds, support_index):
+            fold_info.append({"fold": fold.index, "cases": fold.cases, "support": fold.support})
+            support = _load_case(self.dataset, fold.support, clip)
+            queries = [_load_case(self.dataset, name, clip) for name in fold.queries]
+            for key in methods:
+                method = factory(key, fold.index)
+                for label_id in labels:
+                    encoded = self.encode(method, support, label_id) if self.protocol == "paper" else None
+                    if not (support.label.data == label_id).any():
+                        log(f"fold {fold.index}: support {fold.support} has no label {label_id}: class skipped")
+                        continue
+                    for query in queries:
+                        if self.protocol == "paper":
+                            scores = self.paper(method, query, label_id, encoded)
+                        else:
+                            scores = self.realistic(method, support, query, label_id)
+                        if scores is None:
+                            continue
+                        record = {
+                            "method": key,
+                            "title": method.title,
+                            "fold": fold.index,
+                            "support": fold.support,
+                            "case": query.name,
+                            "label": label_id,
+                            "organ": self.dataset.organ(label_id),
+                            **scores,
+                            "seconds_per_slice": scores["seconds"] / max(scores["slices"], 1),
+                        }
+                        records.append(record)
+                        log(
+                            f"fold {fold.index} {key:12s} {record['organ']:14s} {query.name}: "
+                            f"Dice {record['dice']:.3f} HD95 {record['hd95']:.1f} mm ({record['slices']} slices, "
+                            f"{record['seconds_per_slice']:.3f} s/slice)"
+                        )
+        return records, fold_info

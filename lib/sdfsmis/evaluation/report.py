@@ -1,0 +1,69 @@
+"""The three outputs of an evaluation: ``results.json`` (run settings, folds, summary and every
+per-volume figure), ``per_volume.csv`` (the same figures, one row per query volume and class) and
+``table.md`` (laid out like the paper's Table 1: methods x organs + mean, Dice %)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+#: Column order of the lineage's tables (ADNet / RPT / SD-FSMIS): kidneys, spleen, liver.
+ORGAN_ORDER = ("left_kidney", "right_kidney", "spleen", "liver")
+CSV_FIELDS = (
+    "method", "fold", "support", "case", "label", "organ", "dice", "hd95", "assd", "slices", "seconds",
+    "seconds_per_slice",
+)  # fmt: skip
+
+
+def _organs(summary: dict) -> list[str]:
+    present = {organ for m in summary.values() for organ in m["classes"]}
+    return [o for o in ORGAN_ORDER if o in present] + sorted(present - set(ORGAN_ORDER))
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
+def markdown_table(summary: dict, titles: dict[str, str], heading: str) -> str:
+    organs = _organs(summary)
+    names = [o.replace("_", " ").capitalize() for o in organs]
+    lines = [
+        f"### {heading}",
+        "",
+        "Dice (%): mean over query volumes of the per-volume 3-D Dice, then mean over folds. "
+        "HD95 / ASSD (mm): mean over organs. s / slice: method time per query slice.",
+        "",
+        "| Method | " + " | ".join(names) + " | Mean | HD95 (mm) | ASSD (mm) | s / slice |",
+        "| --- | " + " | ".join("---:" for _ in range(len(names) + 4)) + " |",
+    ]
+    notes = []
+    for key, result in summary.items():
+        dice = [_fmt(result["classes"].get(o, {}).get("dice"), 100) for o in organs]
+        mean = result["mean"]
+        lines.append(
+            f"| {titles[key]} | "
+            + " | ".join(dice)
+            + f" | **{_fmt(mean['dice'], 100)}** | {_fmt(mean['hd95'])} | {_fmt(mean['assd'])} | "
+            + f"{result['seconds_per_slice']:.3f} |"
+        )
+        empty = sum(c["empty_predictions"] for c in result["classes"].values())
+        if empty:
+            total = sum(c["volumes"] for c in result["classes"].values())
+            notes.append(f"{titles[key]}: {empty} of {total} predictions empty (no HD95/ASSD; Dice 0 counted).")
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+
+
+def write_reports(output: Path, run: dict, folds: list[dict], summary: dict, records: list[dict], heading: str):
+    output.mkdir(parents=True, exist_ok=True)
+    titles = {r["method"]: r["title"] for r in records}
+    (output / "results.json").write_text(
+        json.dumps({"run": run, "folds": folds, "summary": summary, "volumes": records}, indent=2, default=str) + "\n"
+    )
+    with open(output / "per_volume.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    table = markdown_table(summary, titles, heading)
+    (output / "table.md").write_text(table)
+    return table

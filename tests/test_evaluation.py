@@ -1,0 +1,175 @@
+"""The evaluation protocol against hand-computed expectations (support slices, chunks, folds,
+Setting-2 exclusion on ground truth, per-volume Dice), and ``sdfsmis evaluate`` end to end on a
+prepared look-alike CHAOS set with the tiny model and both training-free baselines."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdfsmis.cli import main
+from sdfsmis.config import InferenceConfig
+from sdfsmis.episodes import TrainingVolume
+from sdfsmis.evaluation.baselines import BaselineConfig
+from sdfsmis.evaluation.dataset import PreparedDataset
+from sdfsmis.evaluation.harness import Evaluator
+from sdfsmis.evaluation.lookalike import write_chaos
+from sdfsmis.evaluation.methods import Method
+from sdfsmis.evaluation.metrics import score_volume, summarise
+from sdfsmis.evaluation.prepare import prepare
+from sdfsmis.evaluation.protocol import chunk_index, make_folds, support_slices, training_selection
+from sdfsmis.volume import load_volume
+
+
+@pytest.fixture(scope="module")
+def chaos(tmp_path_factory) -> PreparedDataset:
+    """Four look-alike CHAOS patients, prepared (256 x 256 x 10 each)."""
+    root = tmp_path_factory.mktemp("chaos")
+    write_chaos(root / "raw", 4, shape=(64, 64, 10), spacing=(5.0, 5.0, 8.0))
+    return prepare("chaos", root / "raw", root / "prepared", supervoxel_min_size=2000, log=lambda _: None)
+
+
+def test_support_slices_at_one_sixth_half_five_sixths():
+    label = np.zeros((4, 4, 30), dtype=np.int32)
+    label[1, 1, 4:22] = 3  # 18 organ slices: int(18/6) = 3, int(18/2) = 9, int(18*5/6) = 15
+    assert support_slices(label, 3) == [4 + 3, 4 + 9, 4 + 15]
+    sparse = np.zeros((4, 4, 12), dtype=np.int32)
+    sparse[0, 0, [2, 3, 5, 8, 9, 10]] = 1  # C = 6 -> positions 1, 3, 5 of the organ slices
+    assert support_slices(sparse, 1) == [3, 8, 10]
+    assert support_slices(sparse, 2) == []
+
+
+def test_query_chunks_split_at_linspace():
+    assert chunk_index(10, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]  # bounds 0, 3, 6, 10
+    assert chunk_index(7, 3).tolist() == [0, 0, 1, 1, 2, 2, 2]  # bounds 0, 2, 4, 7
+    assert chunk_index(2, 3).tolist() == [1, 2]  # bounds 0, 0, 1, 2: chunk 0 is empty
+
+
+def test_folds_are_contiguous_with_the_first_case_as_support():
+    cases = [f"case_{i:02d}" for i in range(31)]
+    folds = make_folds(cases[::-1], 5)
+    assert [len(f.cases) for f in folds] == [6, 6, 6, 6, 7]
+    assert folds[1].cases == cases[6:12] and folds[1].support == "case_06"
+    assert folds[1].queries == cases[7:12]
+    assert sorted(c for f in folds for c in f.cases) == cases
+    with pytest.raises(ValueError, match="cannot make"):
+        make_folds(cases[:9], 5)
+
+
+def test_class_dice_is_the_mean_of_per_volume_dice_not_pooled():
+    big = np.zeros((20, 20, 10), dtype=bool)
+    big[:, :, :] = True  # 4000 voxels, predicted exactly: Dice 1
+    small_truth = np.zeros((20, 20, 10), dtype=bool)
+    small_truth[0:2, 0:2, 0:2] = True  # 8 voxels, missed: Dice 0
+    scores = [score_volume(big, big, (1, 1, 1)), score_volume(np.zeros_like(small_truth), small_truth, (1, 1, 1))]
+    assert scores[0]["dice"] == 1.0 and scores[1]["dice"] == 0.0
+    assert np.isnan(scores[1]["hd95"])  # empty prediction: no surface distance
+    records = [{"method": "m", "organ": "liver", "fold": 0, "seconds": 1.0, "slices": 10, **s} for s in scores]
+    summary = summarise(records)["m"]
+    pooled = 2 * 4000 / (4000 + 4000 + 8)
+    assert summary["classes"]["liver"]["dice"] == pytest.approx(0.5) and pooled > 0.99
+    assert summary["classes"]["liver"]["empty_predictions"] == 1
+    assert summary["classes"]["liver"]["hd95"] == 0.0  # the NaN of the empty prediction is left out
+    # Folds are averaged after volumes: fold 0 has Dice 1 and 0, fold 1 has 0.2 -> (0.5 + 0.2) / 2.
+    records.append({**records[1], "fold": 1, "dice": 0.2})
+    assert summarise(records)["m"]["classes"]["liver"]["dice"] == pytest.approx(0.35)
+
+
+def test_surface_distances_are_in_millimetres():
+    truth = np.zeros((30, 30, 12), dtype=bool)
+    truth[5:25, 5:25, 2:10] = True
+    moved = np.roll(truth, 2, axis=0)  # 2 voxels along x
+    iso = score_volume(moved, truth, (1.0, 1.0, 1.0))
+    coarse = score_volume(moved, truth, (3.0, 1.0, 1.0))
+    assert iso["hd95"] == pytest.approx(2.0) and coarse["hd95"] == pytest.approx(6.0)
+
+
+def test_setting2_fold_training_set_excludes_test_slices_on_ground_truth(chaos):
+    images, exclude = training_selection(chaos.root, fold=0, folds=2, setting=2, exclude=[])
+    assert [p.name for p in images] == ["chaos_03.nii.gz", "chaos_05.nii.gz"]  # fold 0 tests chaos_01, _02
+    assert exclude == [1, 2, 3, 4]
+    volume = TrainingVolume.load(images[0], 256, chaos.label("chaos_03"), supervoxel_min_size=2000)
+    truth = load_volume(chaos.label("chaos_03"), label=True).data
+    volume.exclude_classes(exclude, "any")
+    assert volume.excluded.tolist() == np.isin(truth, exclude).any(axis=(0, 1)).tolist()
+    assert volume.excluded.any() and not volume.excluded.all()
+    same, none = training_selection(chaos.root, fold=1, folds=2, setting=1, exclude=[])
+    assert [p.name for p in same] == ["chaos_01.nii.gz", "chaos_02.nii.gz"] and none == []
+    with pytest.raises(ValueError, match="Setting 1"):
+        training_selection(chaos.root, fold=1, folds=2, setting=1, exclude=[1])
+
+
+class CopySupport:
+    """A method that answers every query slice with the support mask it was given: what it
+    returns shows which support slice the protocol paired with which query slice."""
+
+    config = BaselineConfig(256)
+    device = torch.device("cpu")
+
+    def encode_support(self, image, mask):
+        return mask
+
+    def segment(self, support, query, index):
+        return support[index]
+
+
+def test_paper_protocol_pairs_chunk_k_with_support_k(chaos):
+    evaluator = Evaluator(chaos, InferenceConfig(), "paper")
+    records, folds = evaluator.run(
+        ["copy"], lambda key, fold: Method(key, "copy", CopySupport()), 2, log=lambda _: None
+    )
+    assert folds == [
+        {"fold": 0, "cases": ["chaos_01", "chaos_02"], "support": "chaos_01"},
+        {"fold": 1, "cases": ["chaos_03", "chaos_05"], "support": "chaos_03"},
+    ]
+    assert len(records) == 2 * 4
+    for record in records:
+        support = load_volume(chaos.label(record["support"]), label=True).data == record["label"]
+        truth = load_volume(chaos.label(record["case"]), label=True).data == record["label"]
+        organ = np.flatnonzero(support.any(axis=(0, 1)))
+        expected_support = [int(organ[int(p * len(organ))]) for p in (1 / 6, 1 / 2, 5 / 6)]
+        assert record["support_slices"] == expected_support
+        z = np.flatnonzero(truth.any(axis=(0, 1)))
+        bounds = np.linspace(0, len(z), 4).astype(int)
+        predicted = np.concatenate(
+            [np.repeat(support[..., [expected_support[k]]], bounds[k + 1] - bounds[k], axis=2) for k in range(3)], 2
+        )
+        dice = 2 * (predicted & truth[..., z]).sum() / (predicted.sum() + truth[..., z].sum())
+        assert record["dice"] == pytest.approx(dice, abs=1e-5)
+        assert record["slices"] == len(z) and record["query_slices"] == [int(z.min()), int(z.max())]
+
+
+def test_evaluate_end_to_end(chaos, tiny_backbone, tmp_path):
+    out = tmp_path / "paper"
+    args = ["evaluate", "--data", str(chaos.root), "--backbone", str(tiny_backbone), "--folds", "2"]
+    main([*args, "--method", "sdfsmis,prototype,registration", "--registration-resolution", "64", "--output", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    volumes = results["volumes"]
+    assert len(volumes) == 3 * 2 * 1 * 4  # methods x folds x query volumes x classes
+    with open(out / "per_volume.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["case"], r["organ"], float(r["dice"])) for r in rows] == [
+        (v["method"], v["case"], v["organ"], pytest.approx(v["dice"])) for v in volumes
+    ]
+    table = (out / "table.md").read_text()
+    assert "Setting 1, paper protocol, 2-fold" in table
+    assert "| Method | Left kidney | Right kidney | Spleen | Liver | Mean |" in table
+    for title in ("SD-FSMIS, backbone tiny (untrained)", "prototype matcher (PANet-style", "SimpleITK B-spline"):
+        assert title in table
+    summary = results["summary"]
+    mean = float(np.mean([v["dice"] for v in volumes if v["method"] == "registration" and v["organ"] == "liver"]))
+    assert summary["registration"]["classes"]["liver"]["dice"] == pytest.approx(mean)
+    # The classical competitor works on look-alike anatomy; the untrained model does not.
+    assert summary["registration"]["mean"]["dice"] > 0.6
+    assert summary["registration"]["mean"]["dice"] > summary["sdfsmis"]["mean"]["dice"] + 0.3
+    assert all(v["seconds"] > 0 for v in volumes)
+
+    realistic = tmp_path / "realistic"
+    main([*args, "--method", "prototype", "--protocol", "realistic", "--output", str(realistic)])
+    volumes = json.loads((realistic / "results.json").read_text())["volumes"]
+    assert len(volumes) == 2 * 4 and all(v["slices"] == 10 for v in volumes)  # every query slice
+    assert "realistic protocol" in (realistic / "table.md").read_text()

@@ -232,3 +232,8 @@ def test_ohif_runs_sdfsmis_and_displays_the_segmentation(server, pacs, studies, 
         z = [round(state["origin"][2] + k * step, 2) for k in range(len(shown))]
         expected = _slice_counts_by_world_z(served, label_id)
         assert dict(zip(z, shown)) == expected
+    # the radiologist accepts the result as final: a DICOM SEG goes back to the PACS
+    label_info = [{"idx": idx, "name": name} for name, idx in result["label_names"].items()]
+    client.save_label(studies["ct_ohif"]["series"], result_file, tag="final", params={"label_info": label_info})
+    (seg,) = _segs_of(pacs, studies["ct_ohif"]["series"])
+    assert {(s["idx"], s["name"]) for s in seg["segments"]} == {(e["idx"], e["name"]) for e in label_info}

@@ -187,7 +187,11 @@ class Trainer:
             self.loss = DistributedDataParallel(
                 self.loss, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
             )
+        if self.world > 1 and not self.is_main:
+            dist.barrier()  # rank 0 computes and caches the supervoxels first, the others read them
         volumes = [self._load(image) for image in run.images]
+        if self.world > 1 and self.is_main:
+            dist.barrier()
         for volume in volumes:
             volume.exclude_classes(run.exclude_classes, run.exclusion_rule)
         # Hold out one volume for validation when there are enough; otherwise validate on

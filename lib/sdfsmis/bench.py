@@ -102,12 +102,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:
+@dataclass
+class Timing:
+    """Wall seconds, and the process's CPU seconds (all threads): on a CPU shared with other
+    work the CPU time is what the computation itself cost, whatever else was running."""
+
+    wall: float
+    cpu: float
+
+    def __add__(self, other: Timing) -> Timing:
+        return Timing(self.wall + other.wall, self.cpu + other.cpu)
+
+
+def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[Timing, torch.Tensor]:
     _sync(device)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     out = fn()
     _sync(device)
-    return time.perf_counter() - started, out
+    return Timing(time.perf_counter() - started, time.process_time() - started_cpu), out
 
 
 def make_plain(model: SDFSMIS) -> None:
@@ -119,7 +131,7 @@ def make_plain(model: SDFSMIS) -> None:
 
 def reference_inference(
     model: SDFSMIS, inputs: BenchInputs, repeats: int, warmup: int
-) -> tuple[list[float], torch.Tensor]:
+) -> tuple[list[Timing], torch.Tensor]:
     """Per-slice seconds of the released pipeline (every slice of every repeat) and its output."""
     device = model.device
     make_plain(model)
@@ -137,8 +149,8 @@ def reference_inference(
             one(0)
         for repeat in range(repeats):
             for i in range(inputs.queries.shape[0]):
-                seconds, out = _timed(lambda i=i: one(i), device)
-                times.append(seconds)
+                timing, out = _timed(lambda i=i: one(i), device)
+                times.append(timing)
                 if repeat == 0:
                     probability.append(out)
     return times, torch.cat(probability)
@@ -146,8 +158,8 @@ def reference_inference(
 
 def our_inference(
     model: SDFSMIS, inputs: BenchInputs, batch_size: int, options: InferenceOptions
-) -> tuple[float, float, torch.Tensor]:
-    """(seconds for the supports, seconds for all query slices, probabilities on the host)."""
+) -> tuple[Timing, Timing, torch.Tensor]:
+    """(time for the supports, time for all query slices, probabilities on the host)."""
     device = model.device
     with torch.inference_mode(), options.autocast(device):
         support_s, support = _timed(
@@ -189,7 +201,7 @@ def bench_inference(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namesp
     inputs = make_inputs(config.model.resolution, args.slices, args.supports)
     warm = inputs if args.compile else make_inputs(config.model.resolution, min(args.batch_size, args.slices), 1)
     rounds = [(args.repeats, args.repeats)] if args.compile else [(1, 1)] * args.repeats
-    ref_times: list[float] = []
+    ref_times: list[Timing] = []
     ref_outputs, runs = [], []
     for round_index, (ref_repeats, our_repeats) in enumerate(rounds):
         warmup = args.warmup if round_index == 0 else 0
@@ -200,20 +212,29 @@ def bench_inference(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namesp
         for _ in range(warmup):
             our_inference(model, warm, args.batch_size, options)
         runs += [our_inference(model, inputs, args.batch_size, options) for _ in range(our_repeats)]
-    totals = [support_s + query_s for support_s, query_s, _ in runs]
+    totals = [(support + query).wall for support, query, _ in runs]
     median = totals.index(statistics.median_low(totals))
     ours_s = statistics.median(totals) / args.slices
-    reference_s = statistics.median(ref_times)
+    reference_s = statistics.median(t.wall for t in ref_times)
     precision = options.resolved_precision(device)
-    return {
+    result = {
         "ours_s_per_slice": round(ours_s, 5),
         "reference_s_per_slice": round(reference_s, 5),
         "speedup": round(reference_s / ours_s, 3),
-        "ours_support_s": round(runs[median][0], 4),
-        "ours_query_s_per_slice": round(runs[median][1] / args.slices, 5),
+        "ours_support_s": round(runs[median][0].wall, 4),
+        "ours_query_s_per_slice": round(runs[median][1].wall / args.slices, 5),
         "supports_used": int(inputs.support_images.shape[0]),
         **agreement(ref_outputs[0], runs[0][2], config.inference.threshold, FENCE[precision]),
     }
+    if device.type == "cpu":  # the same medians in CPU seconds: robust to a shared, busy machine
+        ours_cpu = statistics.median((support + query).cpu for support, query, _ in runs) / args.slices
+        reference_cpu = statistics.median(t.cpu for t in ref_times)
+        result.update(
+            ours_cpu_s_per_slice=round(ours_cpu, 5),
+            reference_cpu_s_per_slice=round(reference_cpu, 5),
+            speedup_cpu_time=round(reference_cpu / ours_cpu, 3),
+        )
+    return result
 
 
 def bench_scaling(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespace, options: InferenceOptions) -> dict:
@@ -224,7 +245,10 @@ def bench_scaling(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespac
         inputs = make_inputs(resolution, slices, args.supports)
         for _ in range(args.warmup):
             our_inference(model, inputs, args.batch_size, options)
-        totals = [sum(our_inference(model, inputs, args.batch_size, options)[:2]) for _ in range(args.repeats)]
+        totals = [
+            sum(timing.wall for timing in our_inference(model, inputs, args.batch_size, options)[:2])
+            for _ in range(args.repeats)
+        ]
         return round(statistics.median(totals) / slices, 5)
 
     resolution = config.model.resolution
@@ -264,8 +288,8 @@ def _time_our_training(model: SDFSMIS, sampler, config: SDFSMISConfig, args: arg
     steps(range(args.warmup_steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, _ = _timed(lambda: steps(range(args.warmup_steps, total)), device)
-    return seconds, _peak_memory_gb(device)
+    timing, _ = _timed(lambda: steps(range(args.warmup_steps, total)), device)
+    return timing.wall, _peak_memory_gb(device)
 
 
 def bench_training(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespace) -> dict:
@@ -307,7 +331,8 @@ def bench_training(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespa
                 released_training_step(model, banks, reference_optimizer, sampler.episode(i), generator, cfg.grad_clip)
 
         reference(range(args.warmup_steps))
-        reference_s, _ = _timed(lambda: reference(range(args.warmup_steps, total)), device)
+        timing, _ = _timed(lambda: reference(range(args.warmup_steps, total)), device)
+    reference_s = timing.wall
     result = {
         "ours_it_per_s": round(args.train_steps / ours_s, 4),
         "reference_it_per_s": round(args.train_steps / reference_s, 4),
@@ -384,6 +409,16 @@ def format_table(result: dict) -> str:
         ("ours s/slice", f"{result['ours_s_per_slice']:.4f}"),
         ("  of which supports, once", f"{result['ours_support_s']:.4f} s"),
         ("speed-up", f"{result['speedup']:.2f}x"),
+    ]
+    if "speedup_cpu_time" in result:
+        rows.append(
+            (
+                "CPU seconds/slice ref / ours",
+                f"{result['reference_cpu_s_per_slice']:.4f} / {result['ours_cpu_s_per_slice']:.4f} "
+                f"({result['speedup_cpu_time']:.2f}x)",
+            )
+        )
+    rows += [
         (
             "masks agree",
             f"{result['masks_agree']} (Dice {result['mask_dice']:.4f}, max |dp| "

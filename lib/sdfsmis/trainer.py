@@ -114,9 +114,6 @@ class EpisodeStream(Dataset):
     def __init__(self, sampler: EpisodeSampler, batch_size: int, rank: int = 0, world: int = 1):
         self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
 
-    def __len__(self) -> int:
-        return 2**62
-
     def __getitem__(self, iteration: int) -> Episode:
         return self.sampler.batch(iteration * self.world + self.rank, self.batch_size)
 
@@ -319,4 +316,8 @@ class Trainer:
 
 
 def train(run: TrainingRun) -> dict:
-    return Trainer(run).fit()
+    try:
+        return Trainer(run).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

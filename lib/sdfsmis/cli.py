@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         workers=args.workers,
     )
     summary = train(run)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    if summary["world_size"] == 1 or os.environ.get("RANK") == "0":  # under torchrun: rank 0 reports
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
 
 
 def cmd_download(args: argparse.Namespace) -> None:

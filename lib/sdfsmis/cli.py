@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from . import dicom_cli
 from .backbone import DEFAULT_BACKBONE, BackboneNotFoundError
+from .bench import add_bench_parser
 from .evaluation.cli import add_evaluation_commands
 
 
@@ -77,9 +79,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         exclude_classes=exclude,
         exclusion_rule=args.exclusion_rule,
+        workers=args.workers,
     )
     summary = train(run)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    if summary["world_size"] == 1 or os.environ.get("RANK") == "0":  # under torchrun: rank 0 reports
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -89,6 +93,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
+    from .acceleration import InferenceOptions, accelerate
     from .config import load_config
     from .inference import VolumeSegmenter, select_label_ids
     from .model import SDFSMIS
@@ -110,8 +115,12 @@ def cmd_infer(args: argparse.Namespace) -> None:
         )
     started = time.perf_counter()
     model = SDFSMIS.from_backbone(args.backbone, config.model, args.checkpoint, device=_device(args.device)).eval()
+    options = InferenceOptions(precision=args.precision, compile=args.compile)
+    accelerate(model, options)
     loaded = time.perf_counter() - started
-    result = VolumeSegmenter(model, config.inference).segment(support_image, support_label, query, labels)
+    result = VolumeSegmenter(model, config.inference, options=options).segment(
+        support_image, support_label, query, labels
+    )
     query.save_label(result.labels, args.output)
     summary = {"output": str(args.output), "model_load_seconds": round(loaded, 3), **result.summary()}
     print(json.dumps(summary, indent=2))
@@ -161,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     training.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
     training.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    training.add_argument("--workers", type=int, default=0, help="processes preparing episodes ahead of the step")
     training.set_defaults(run=cmd_train)
 
     download = commands.add_parser("download", help="fetch SD v1.5 (vae, unet) + DINOv2-small")
@@ -179,10 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--labels", default=None, help="comma-separated label ids (default: all in the support)")
     infer.add_argument("--resolution", type=int, default=None, help="model slice size (default: the preset's)")
     infer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    infer.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA"
+    )
+    infer.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (GPU)")
     infer.set_defaults(run=cmd_infer)
 
     dicom_cli.register(commands)
     add_evaluation_commands(commands)
+    add_bench_parser(commands)
     return parser
 
 

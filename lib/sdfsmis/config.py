@@ -72,6 +72,7 @@ class SDFSMISConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tiny_backbone: dict[str, Any] = field(default_factory=dict)
+    sd15_backbone: dict[str, Any] = field(default_factory=dict)  # architecture only, for benchmarks
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

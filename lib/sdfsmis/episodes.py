@@ -27,6 +27,11 @@ class Episode:
     query_mask: torch.Tensor
     source: str  # "supervoxel" or "ground_truth"
 
+    def pin_memory(self) -> Episode:
+        """Page-locked copies (DataLoader ``pin_memory``), for asynchronous host-to-GPU copies."""
+        tensors = (self.support_image, self.support_mask, self.query_image, self.query_mask)
+        return Episode(*(t.pin_memory() for t in tensors), source=self.source)
+
 
 @dataclass
 class TrainingVolume:

@@ -12,8 +12,9 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .acceleration import InferenceOptions
 from .config import InferenceConfig
-from .model import SDFSMIS
+from .model import SDFSMIS, SupportFeatures
 from .volume import SliceGrid, Volume, VolumeError, axial_slices, normalise_intensity
 
 
@@ -107,13 +108,35 @@ def select_label_ids(support_label: Volume, requested: list[int] | None = None) 
     return requested or present
 
 
-class VolumeSegmenter:
-    """Runs an :class:`SDFSMIS` model over volumes."""
+def segment_slices(
+    model: SDFSMIS,
+    support: SupportFeatures,
+    queries: torch.Tensor,
+    index: torch.Tensor,
+    batch_size: int,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Query slices [Q, 1, H, W] on the model's device -> probabilities [Q, 1, H, W] on the same
+    device, in batches that share the cached support; nothing goes back to the host per batch."""
+    starts = range(0, queries.shape[0], batch_size)
+    bar = tqdm(starts, desc="query slices", unit="batch", disable=not progress or len(starts) < 2)
+    return torch.cat(
+        [model.segment(support, queries[s : s + batch_size], index[s : s + batch_size]).float() for s in bar]
+    )
 
-    def __init__(self, model: SDFSMIS, config: InferenceConfig, progress: bool = True):
+
+class VolumeSegmenter:
+    """Runs an :class:`SDFSMIS` model over volumes. ``options`` gives the autocast precision
+    (bf16 on CUDA by default); the model itself is prepared with
+    :func:`~sdfsmis.acceleration.accelerate` where it is loaded."""
+
+    def __init__(
+        self, model: SDFSMIS, config: InferenceConfig, progress: bool = True, options: InferenceOptions | None = None
+    ):
         self.model = model
         self.config = config
         self.progress = progress
+        self.options = options or InferenceOptions()
 
     @property
     def resolution(self) -> int:
@@ -143,16 +166,13 @@ class VolumeSegmenter:
         mask = (coverage > 0.5).float()
         if (mask.flatten(1).sum(dim=1) == 0).any():  # a structure thinner than a model pixel: keep any overlap
             mask = (coverage > 0).float()
-        support = self.model.encode_support(self._model_slices(support_image, support_z, support_grid), mask)
-
         grid = SliceGrid(*query_image.shape[:2], self.resolution)
+        queries = self._model_slices(query_image, query_z, grid)  # one upload for the whole stack
+        with torch.inference_mode(), self.options.autocast(self.model.device):
+            support = self.model.encode_support(self._model_slices(support_image, support_z, support_grid), mask)
+            prob = segment_slices(self.model, support, queries, index, self.config.batch_size, self.progress)
         probability = np.zeros(query_image.shape, dtype=np.float32)
-        batch = self.config.batch_size
-        starts = range(0, len(query_z), batch)
-        for start in tqdm(starts, desc="query slices", unit="batch", disable=not self.progress or len(starts) < 2):
-            z = query_z[start : start + batch]
-            prob = self.model.segment(support, self._model_slices(query_image, z, grid), index[start : start + batch])
-            probability[..., z] = np.moveaxis(grid.from_model(prob.float()).cpu().numpy()[:, 0], 0, -1)
+        probability[..., query_z] = np.moveaxis(grid.from_model(prob).cpu().numpy()[:, 0], 0, -1)  # one download
         return probability, LabelReport(support_slices=support_z, query_slices=[int(z) for z in query_z])
 
     def segment(

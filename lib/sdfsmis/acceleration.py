@@ -1,0 +1,77 @@
+"""How the model is run fast on a device, without changing what it computes beyond the
+tolerance of the chosen precision: autocast precision, channels-last convolutions, VAE
+micro-batches, optional ``torch.compile`` and CPU threads.
+
+Measured on CPU (2 threads, SD v1.5 shape, 256 x 256, fp32): channels-last makes the VAE ~1.3-1.5x
+faster but the UNet ~2x slower, and batching the VAE beyond one slice is slower (its
+full-resolution activations, 32 MB a slice, leave the caches) while batching the UNet pays
+(~1.5x at 4 slices). For a tiny VAE (kilobytes a slice) both are the other way round. The
+defaults follow those measurements; CUDA gets bf16, channels-last everywhere and whole batches
+(see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: On CPU, a VAE whose widest full-resolution activation of one slice is at least this large is
+#: run one slice at a time, in channels-last.
+LARGE_SLICE_BYTES = 4 * 2**20
+
+
+@dataclass
+class InferenceOptions:
+    """``precision``: ``auto`` is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 on CPU.
+    ``channels_last``: ``None`` is the measured choice: on CUDA the VAE and the UNet, on CPU the
+    VAE when its slices are large. ``vae_batch``: slices per VAE call; 0 is the measured choice:
+    the whole batch on CUDA and for small slices on CPU, else 1.
+    ``threads``: CPU threads; 0 keeps torch's default (``OMP_NUM_THREADS`` or all cores)."""
+
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    vae_batch: int = 0
+    threads: int = 0
+
+    def resolved_precision(self, device: torch.device) -> str:
+        if self.precision != "auto":
+            if self.precision not in PRECISIONS:
+                raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+            return self.precision
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast for reduced precision; a no-op for fp32 (weights stay fp32 either way)."""
+        precision = self.resolved_precision(device)
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def accelerate(model: torch.nn.Module, options: InferenceOptions) -> torch.nn.Module:
+    """Apply ``options`` to an :class:`~sdfsmis.model.SDFSMIS` in place, for inference."""
+    device = model.device
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    vae = model.codec.vae
+    large = 4 * vae.config.block_out_channels[0] * model.config.resolution**2 >= LARGE_SLICE_BYTES
+    on_cpu_large = device.type == "cpu" and large
+    model.codec.batch = options.vae_batch or (1 if on_cpu_large else 0)
+    if options.channels_last or (options.channels_last is None and (device.type == "cuda" or on_cpu_large)):
+        model.codec.channels_last = True
+        vae.to(memory_format=torch.channels_last)
+        if device.type == "cuda":  # on CPU the UNet is slower in channels-last (measured)
+            for module in (model.unet, model.conv_in, model.conv_in_ref):
+                module.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed slice shapes: pick the fastest kernels once
+    if options.compile:
+        model.unet.compile()
+        model.codec.vae.decoder.compile()
+    return model

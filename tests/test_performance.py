@@ -1,0 +1,156 @@
+"""The speed work keeps the results: accelerated, batched inference gives the masks of the
+released per-slice pipeline, our training step equals the released one, and `sdfsmis bench`
+runs end to end and reports what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sdfsmis.acceleration import InferenceOptions, accelerate
+from sdfsmis.bench import FENCE, agreement, make_inputs, our_inference, reference_inference
+from sdfsmis.inference import segment_slices
+from sdfsmis.model import SDFSMIS
+from sdfsmis.reference import kv_bank, released_training_step
+from sdfsmis.trainer import EpisodeLoss, make_optimizer, step_generator, train_step
+
+
+@pytest.fixture()
+def inputs(tiny_config):
+    return make_inputs(tiny_config.model.resolution, slices=7, supports=3)
+
+
+def test_make_inputs_assigns_every_support(inputs):
+    assert inputs.support_images.shape[0] == 3
+    assert set(inputs.index.tolist()) == {0, 1, 2}
+    assert (inputs.support_masks.flatten(1).sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        InferenceOptions(),  # what the tiny model gets by default on CPU
+        InferenceOptions(channels_last=True, vae_batch=1),  # what the SD1.5 shape gets on CPU
+    ],
+    ids=["auto", "channels_last_one_slice_vae"],
+)
+def test_accelerated_batched_inference_equals_released_per_slice(tiny_model, tiny_config, inputs, options):
+    _, reference = reference_inference(tiny_model, inputs, repeats=1, warmup=0)
+    accelerate(tiny_model, options)
+    if options.channels_last:
+        assert tiny_model.codec.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    support_s, query_s, ours = our_inference(tiny_model, inputs, batch_size=3, options=options)
+    assert support_s.wall > 0 and query_s.wall > 0
+    result = agreement(reference, ours, tiny_config.inference.threshold, fence=1e-3)
+    assert result["masks_agree"], result
+    assert result["max_probability_difference"] < 1e-4
+    # a real comparison: the maps are not constant, and a different model would not agree
+    assert 0.01 < result["foreground_fraction"] < 0.99
+    assert not agreement(reference, 1 - ours, tiny_config.inference.threshold, fence=1e-3)["masks_agree"]
+
+
+def test_bf16_autocast_stays_within_tolerance(tiny_model, tiny_config):
+    """The reduced-precision path (bf16 on CUDA) exercised with CPU autocast."""
+    inputs = make_inputs(tiny_config.model.resolution, slices=3, supports=1)
+    _, _, full = our_inference(tiny_model, inputs, 3, InferenceOptions(precision="fp32"))
+    _, _, reduced = our_inference(tiny_model, inputs, 3, InferenceOptions(precision="bf16"))
+    result = agreement(full, reduced, tiny_config.inference.threshold, FENCE["bf16"])
+    assert result["max_probability_difference"] > 0  # bf16 really ran
+    assert result["masks_agree"] and result["mask_dice"] > 0.95, result
+
+
+def test_batch_size_does_not_change_probabilities(tiny_model, inputs):
+    with torch.inference_mode():
+        support = tiny_model.encode_support(inputs.support_images, inputs.support_masks)
+        one = segment_slices(tiny_model, support, inputs.queries, inputs.index, batch_size=1)
+        five = segment_slices(tiny_model, support, inputs.queries, inputs.index, batch_size=5)
+    assert one.shape == inputs.queries.shape
+    assert (one - five).abs().max().item() < 1e-5
+
+
+def test_our_training_step_equals_the_released_one(tiny_backbone, tiny_config):
+    """One batch SQI + train_step computes the released two-pass step: same loss, same update."""
+    from sdfsmis.episodes import Episode
+
+    resolution = tiny_config.model.resolution
+    g = torch.Generator().manual_seed(3)
+    mask = torch.zeros(1, 1, resolution, resolution)
+    mask[..., 16:40, 20:44] = 1
+    episode = Episode(
+        torch.rand(1, 1, resolution, resolution, generator=g) * 2 - 1,
+        mask,
+        torch.rand(1, 1, resolution, resolution, generator=g) * 2 - 1,
+        torch.roll(mask, 3, dims=-1),
+        "supervoxel",
+    )
+    cfg = tiny_config.training
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).train())
+    ours, released = models
+    our_loss = train_step(
+        EpisodeLoss(ours), make_optimizer(ours, cfg), episode, step_generator(ours.device, 1, 0), cfg.grad_clip
+    )
+    optimizer = torch.optim.AdamW(
+        released.trainable_parameter_groups(cfg.lr_unet, cfg.lr_mlp), weight_decay=cfg.weight_decay, betas=cfg.betas
+    )
+    with kv_bank(released.unet) as banks:
+        released_loss = released_training_step(
+            released, banks, optimizer, episode, step_generator(released.device, 1, 0), cfg.grad_clip
+        )
+    assert abs(our_loss.item() - released_loss) < 1e-5
+    before = SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).unet.state_dict()
+    for name, value in ours.unet.state_dict().items():
+        # Adam's first step moves every weight by ~lr (1e-3) along the gradient's sign: a different
+        # gradient shows everywhere, summation order only on a few near-zero gradients
+        difference = (value - released.unet.state_dict()[name]).abs()
+        assert difference.max() < 2e-4 and (difference > 1e-5).float().mean() < 0.01, name
+    assert any(not torch.equal(value, before[name]) for name, value in ours.unet.state_dict().items())
+
+
+def test_bench_cli_reports_inference_and_training(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdfsmis.cli",
+            "bench",
+            "--shape",
+            "tiny",
+            "--slices",
+            "5",
+            "--supports",
+            "2",
+            "--repeats",
+            "2",
+            "--train",
+            "--train-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--workers",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["shape"] == "tiny" and result["device"].startswith("cpu") and result["torch"] == torch.__version__
+    assert result["slices"] == 5 and result["supports_used"] == 2
+    for key in ("ours_s_per_slice", "reference_s_per_slice", "ours_it_per_s", "reference_it_per_s", "peak_memory_gb"):
+        assert result[key] > 0, key
+    assert result["speedup"] == pytest.approx(result["reference_s_per_slice"] / result["ours_s_per_slice"], rel=1e-2)
+    assert result["masks_agree"] is True and result["mask_dice"] > 0.99
+    assert "speed-up" in run.stdout and "masks agree" in run.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sdfsmis.acceleration import InferenceOptions, accelerate
 from sdfsmis.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
 from sdfsmis.config import SDFSMISConfig, load_config
 from sdfsmis.inference import VolumeSegmenter
@@ -150,7 +151,7 @@ class ModelRuntime:
                     model = SDFSMIS.from_backbone(self.settings.backbone, config.model, device=self.settings.device)
                 except Exception as error:  # noqa: BLE001 - corrupt files raise many types; none can serve
                     raise ModelUnavailable(f"backbone {self.settings.backbone} cannot be loaded: {error}") from error
-                self._model = model.eval()
+                self._model = accelerate(model.eval(), InferenceOptions())  # the measured defaults per device
             stamp = self._checkpoint_stamp()
             # safe to swap: no other inference uses the model, or none can have (untrained is never served)
             safe = self._running <= 1 or (self._loaded_checkpoint is None and not self.settings.allow_untrained)

@@ -88,24 +88,21 @@ def _uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=list(parts))
 
 
-def identity_for(path: Path, modality: str, patient_id: str | None = None, description: str | None = None):
-    """Stable UIDs from the file's content (and patient id)."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    patient = patient_id or path.name.split(".")[0]
+def identity_for(data: np.ndarray, affine: np.ndarray, modality: str, patient_id: str, description: str):
+    """Stable UIDs from the volume's content and geometry (and patient id)."""
+    digest = hashlib.sha256(np.ascontiguousarray(data).tobytes() + np.asarray(affine).tobytes()).hexdigest()
     return SeriesIdentity(
-        patient_id=patient,
-        study_uid=_uid("study", patient, digest),
-        series_uid=_uid("series", patient, digest, modality),
+        patient_id=patient_id,
+        study_uid=_uid("study", patient_id, digest),
+        series_uid=_uid("series", patient_id, digest, modality),
         modality=modality,
-        description=description or f"{modality} {path.name}",
+        description=description,
     )
 
 
 def nifti_to_series(path: str | Path, modality: str, patient_id: str | None = None) -> list[Dataset]:
     """One DICOM dataset per slice along the volume's third voxel axis."""
     path = Path(path)
-    if modality not in STORAGE_CLASSES:
-        raise ValueError(f"modality must be one of {sorted(STORAGE_CLASSES)}, not {modality!r}")
     try:
         image = nib.load(str(path))
         data = image.get_fdata(dtype=np.float32)
@@ -117,9 +114,19 @@ def nifti_to_series(path: str | Path, modality: str, patient_id: str | None = No
         raise VolumeError(f"{path.name} has shape {data.shape}: a 3-D volume is expected")
     if not np.isfinite(data).all():
         raise VolumeError(f"{path.name} contains NaN or infinite voxels")
-    lps, unit, spacing = _slice_geometry(image.affine)
+    patient = patient_id or path.name.split(".")[0]
+    return volume_to_series(data, image.affine, modality, patient, f"{modality} {path.name}")
+
+
+def volume_to_series(
+    data: np.ndarray, affine: np.ndarray, modality: str, patient_id: str, description: str
+) -> list[Dataset]:
+    """A [i, j, k] volume with its RAS affine -> one DICOM dataset per k slice."""
+    if modality not in STORAGE_CLASSES:
+        raise ValueError(f"modality must be one of {sorted(STORAGE_CLASSES)}, not {modality!r}")
+    lps, unit, spacing = _slice_geometry(affine)
     normal = np.cross(unit[:, 0], unit[:, 1])
-    identity = identity_for(path, modality, patient_id)
+    identity = identity_for(data, affine, modality, patient_id, description)
     stored = StoredIntensity.for_volume(data)
     center, width = _window(data, modality)
     frame_of_reference = _uid("frame", identity.study_uid)
@@ -179,12 +186,13 @@ def _image_dataset(identity: SeriesIdentity, index: int) -> Dataset:
     return ds
 
 
-def write_series(datasets: list[Dataset], folder: str | Path) -> list[Path]:
+def write_series(datasets: list[Dataset], folder: str | Path, names: list[str] | None = None) -> list[Path]:
+    """One file per dataset: ``names`` (as a scanner or an anonymiser named them) or the instance number."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ds in datasets:
-        path = folder / f"{ds.InstanceNumber:04d}.dcm"
+    for index, ds in enumerate(datasets):
+        path = folder / (names[index] if names else f"{ds.InstanceNumber:04d}.dcm")
         ds.save_as(str(path), write_like_original=False)
         paths.append(path)
     return paths

@@ -1,5 +1,5 @@
-"""A DICOM image series as one volume with its RAS affine (pydicom), and the inverse, used to
-write look-alike raw data. Slices are ordered by their position along the slice normal, never by
+"""A DICOM image series read as one volume with its RAS affine (pydicom); look-alike raw data is
+written with :mod:`sdfsmis.dicom_series`. Slices are ordered by their position along the slice normal, never by
 file name or instance number, which scanners and anonymisers do not keep consistent."""
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 
 @dataclass
@@ -51,42 +49,3 @@ def read_series(files: list[Path]) -> DicomSeries:
         axis=-1,
     )
     return DicomSeries(data, affine, [f for f, _ in slices])
-
-
-def write_series(
-    folder: Path, data: np.ndarray, affine: np.ndarray, patient_id: str, names: list[str], modality: str = "MR"
-) -> list[Path]:
-    """Write ``data`` [i, j, k] (uint16 range) as one single-frame file per slice ``names[k]``,
-    with the geometry of ``affine`` (RAS). The inverse of :func:`read_series`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing_i, spacing_j = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
-    orientation = [*(lps[:3, 0] / spacing_i), *(lps[:3, 1] / spacing_j)]
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    paths = []
-    for k, name in enumerate(names):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / name
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID = modality, patient_id
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.InstanceNumber = k + 1
-        position = lps[:3, :3] @ np.array([0.0, 0.0, k]) + lps[:3, 3]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
-        ds.PixelSpacing = [f"{spacing_j:.6f}", f"{spacing_i:.6f}"]
-        ds.SliceThickness = f"{np.linalg.norm(lps[:3, 2]):.6f}"
-        ds.SliceLocation = f"{position[2]:.6f}"
-        pixels = np.ascontiguousarray(np.clip(np.rint(data[..., k].T), 0, 65535).astype(np.uint16))
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(str(path), write_like_original=False)
-        paths.append(path)
-    return paths

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..dicom_series import volume_to_series, write_series
 from ..synthetic import make_volume, write_nifti
-from .dicom import write_series
 
 #: The real CHAOS MR training ids (not contiguous).
 CHAOS_IDS = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
@@ -38,7 +38,8 @@ def write_chaos(
         folder = mr / str(patient) / "T2SPIR"
         depth = image.shape[2]
         names = [f"IMG-0002-{depth - k:05d}" for k in range(depth)]  # numbered from the feet up
-        write_series(folder / "DICOM_anon", image, affine, f"chaos-{patient}", [f"{s}.dcm" for s in names])
+        series = volume_to_series(image, affine, "MR", f"chaos-{patient}", "T2SPIR")
+        write_series(series, folder / "DICOM_anon", [f"{s}.dcm" for s in names])
         (folder / "Ground").mkdir(parents=True, exist_ok=True)
         png_values = np.zeros(256, dtype=np.uint8)
         for label_id, value in CHAOS_PNG_VALUES.items():

@@ -35,10 +35,10 @@ logger = logging.getLogger(__name__)
 class SDFSMISApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         self.settings = lib.configs.AppSettings.from_conf(conf, app_dir)
-        self.runtime = lib.configs.ModelRuntime(self.settings)
         self.gate = InferenceGate(
             self.settings.max_concurrent_infers, self.settings.max_queued_infers, self.settings.infer_queue_timeout_s
         )
+        self.runtime = lib.configs.ModelRuntime(self.settings, self.gate)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -83,7 +83,7 @@ class SDFSMISApp(MONAILabelApp):
         # MONAI Label replaces the image id by a local path: keep the id (a support is looked up by it)
         if isinstance(request.get("image"), str) and not os.path.exists(request["image"]):
             request = {**request, "image_id": request["image"]}
-        with http_errors(), self.gate.admit(), self.runtime.inference(), torch.no_grad():
+        with http_errors(), self.gate.admit(), torch.no_grad():
             return super().infer(request, datastore)
 
     def init_infers(self) -> dict:

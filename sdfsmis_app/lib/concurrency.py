@@ -31,6 +31,13 @@ class InferenceGate:
         self._running = 0
         self._waiting = 0
 
+    @property
+    def running(self) -> int:
+        """Inferences admitted and not yet finished (a newly published checkpoint is loaded only
+        when no other one uses the shared model)."""
+        with self._lock:
+            return self._running
+
     def status(self) -> dict:
         with self._lock:
             return {

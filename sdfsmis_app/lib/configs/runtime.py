@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,8 @@ from sdfsmis.config import SDFSMISConfig, load_config
 from sdfsmis.inference import VolumeSegmenter
 from sdfsmis.model import SDFSMIS
 from sdfsmis.weights import WEIGHTS_NAME, load_weights
+
+from ..concurrency import InferenceGate
 
 TRUE = {"1", "true", "yes", "on"}
 
@@ -75,12 +75,12 @@ def _hub_cached() -> bool:
 
 
 class ModelRuntime:
-    def __init__(self, settings: AppSettings):
+    def __init__(self, settings: AppSettings, gate: InferenceGate):
         self.settings = settings
+        self.gate = gate  # admits every inference: its count of running ones guards weight swaps
         self._lock = threading.Lock()
         self._model: SDFSMIS | None = None
         self._loaded_checkpoint: tuple[int, int] | None = None  # (mtime_ns, size)
-        self._running = 0  # inferences inside inference(): weights are not swapped under them
 
     @property
     def config(self) -> SDFSMISConfig:
@@ -129,18 +129,6 @@ class ModelRuntime:
             "loaded": self._model is not None,
         }
 
-    @contextmanager
-    def inference(self) -> Iterator[None]:
-        """Marks an inference in flight: a newly published checkpoint is loaded only when no
-        other inference uses the shared model (it is picked up by the next request otherwise)."""
-        with self._lock:
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._running -= 1
-
     def segmenter(self) -> tuple[VolumeSegmenter, bool]:
         """The loaded model (loaded once; a newer checkpoint is picked up) and whether it is trained."""
         self.check()
@@ -154,7 +142,7 @@ class ModelRuntime:
                 self._model = accelerate(model.eval(), InferenceOptions())  # the measured defaults per device
             stamp = self._checkpoint_stamp()
             # safe to swap: no other inference uses the model, or none can have (untrained is never served)
-            safe = self._running <= 1 or (self._loaded_checkpoint is None and not self.settings.allow_untrained)
+            safe = self.gate.running <= 1 or (self._loaded_checkpoint is None and not self.settings.allow_untrained)
             if stamp is not None and stamp != self._loaded_checkpoint and safe:
                 load_weights(self._model, self.settings.checkpoint)
                 self._loaded_checkpoint = stamp

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sdfsmis.acceleration import InferenceOptions, accelerate
-from sdfsmis.bench import FENCE, agreement, make_inputs, our_inference, reference_inference
+from sdfsmis.bench import FENCE, agreement, make_inputs, our_inference, reference_inference, reference_subset
 from sdfsmis.inference import segment_slices
 from sdfsmis.model import SDFSMIS
 from sdfsmis.reference import kv_bank, released_training_step
@@ -52,6 +52,15 @@ def test_accelerated_batched_inference_equals_released_per_slice(tiny_model, tin
     # a real comparison: the maps are not constant, and a different model would not agree
     assert 0.01 < result["foreground_fraction"] < 0.99
     assert not agreement(reference, 1 - ours, tiny_config.inference.threshold, fence=1e-3)["masks_agree"]
+
+
+def test_reference_on_a_subset_is_those_slices_of_the_full_reference(tiny_model, inputs):
+    subset = reference_subset(7, 3)
+    assert subset == [0, 3, 6] and reference_subset(7, 0) == reference_subset(7, 9) == list(range(7))
+    times, full = reference_inference(tiny_model, inputs, repeats=1, warmup=0)
+    subset_times, part = reference_inference(tiny_model, inputs, repeats=2, warmup=0, slices=subset)
+    assert len(times) == 7 and len(subset_times) == 2 * 3
+    assert torch.allclose(part, full[subset], atol=1e-6)
 
 
 def test_bf16_autocast_stays_within_tolerance(tiny_model, tiny_config):
@@ -130,6 +139,8 @@ def test_bench_cli_reports_inference_and_training(tmp_path):
             "2",
             "--repeats",
             "2",
+            "--reference-slices",
+            "3",
             "--train",
             "--train-steps",
             "2",
@@ -148,7 +159,7 @@ def test_bench_cli_reports_inference_and_training(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["shape"] == "tiny" and result["device"].startswith("cpu") and result["torch"] == torch.__version__
-    assert result["slices"] == 5 and result["supports_used"] == 2
+    assert result["slices"] == 5 and result["supports_used"] == 2 and result["reference_slices_timed"] == 3
     for key in ("ours_s_per_slice", "reference_s_per_slice", "ours_it_per_s", "reference_it_per_s", "peak_memory_gb"):
         assert result[key] > 0, key
     assert result["speedup"] == pytest.approx(result["reference_s_per_slice"] / result["ours_s_per_slice"], rel=1e-2)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import transformers
 
-from .acceleration import InferenceOptions, accelerate
+from .acceleration import InferenceOptions, accelerate, retain_freed_memory
 from .backbone import build_backbone
 from .config import InferenceConfig, SDFSMISConfig, load_config
 from .inference import assign_supports, choose_support_slices, query_range, segment_slices
@@ -378,10 +378,20 @@ def device_description(device: torch.device) -> str:
 def run_bench(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
-    options = InferenceOptions(args.precision, channels_last, args.compile, args.vae_batch, args.threads)
+    switch = {"auto": None, "on": True, "off": False}
+    options = InferenceOptions(
+        args.precision,
+        switch[args.channels_last],
+        args.compile,
+        args.vae_batch,
+        args.threads,
+        switch[args.retain_memory],
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_memory = options.retains_memory(device)
+    if retain_memory:  # process-wide, so from the start: the reference runs with it too
+        retain_memory = retain_freed_memory()
     model, config = build_model(args, device)
     args.batch_size = args.batch_size or config.inference.batch_size
     result = {
@@ -397,6 +407,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "precision": options.resolved_precision(device),
         "compile": options.compile,
+        "retain_freed_memory": retain_memory,
         "repeats": args.repeats,
         "warmup": args.warmup,
     }
@@ -490,6 +501,12 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     bench.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: as measured")
     bench.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder")
+    bench.add_argument(
+        "--retain-memory",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="glibc keeps freed buffers for reuse, both sides (auto: on CPU)",
+    )
     bench.add_argument("--vae-batch", type=int, default=0, help="slices per VAE call (0: 1 on CPU, all on CUDA)")
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     bench.add_argument("--scaling", action="store_true", help="also time ours against slices and resolution")

@@ -35,9 +35,16 @@ def cielab_to_rgb(scaled: Sequence[int]) -> tuple[int, int, int]:
     fy = (lightness + 16) / 116
     f = np.array([fy + a / 500, fy, fy - b / 200])
     xyz = np.where(f**3 > 0.008856, f**3, (f - 16 / 116) / 7.787) * np.array([0.95047, 1.0, 1.08883])
-    linear = np.array(
-        [[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560], [0.0556434, -0.2040259, 1.0572252]]
-    ) @ xyz
+    linear = (
+        np.array(
+            [
+                [3.2404542, -1.5371385, -0.4985314],
+                [-0.9692660, 1.8760108, 0.0415560],
+                [0.0556434, -0.2040259, 1.0572252],
+            ]
+        )
+        @ xyz
+    )
     linear = np.clip(linear, 0, 1)
     srgb = np.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear)
     return tuple(int(round(float(v) * 255)) for v in srgb)

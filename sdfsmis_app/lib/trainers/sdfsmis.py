@@ -64,7 +64,7 @@ class SDFSMISTrain(TrainTask):
             stats.update(
                 status="FAILED",
                 error=f"training process {stats.get('pid')} ended unexpectedly at iteration {stats.get('iteration')} "
-                "(killed?); the served checkpoint is unchanged; continue with params {\"resume\": true}",
+                '(killed?); the served checkpoint is unchanged; continue with params {"resume": true}',
             )
         return stats
 

@@ -3,11 +3,12 @@ tolerance of the chosen precision: autocast precision, channels-last convolution
 micro-batches, optional ``torch.compile``, CPU threads and how freed CPU memory is reused.
 
 Measured on CPU (2 threads, SD v1.5 shape, 256 x 256, fp32): channels-last makes the VAE ~1.3-1.5x
-faster but the UNet ~2x slower, and batching the VAE beyond one slice is slower (its
-full-resolution activations, 32 MB a slice, leave the caches) while batching the UNet pays
-(~1.5x at 4 slices). For a tiny VAE (kilobytes a slice) both are the other way round. The
-defaults follow those measurements; CUDA gets bf16, channels-last everywhere and whole batches
-(see docs/performance.md).
+faster and does not help the UNet; batching the UNet pays (~1.5x at 4 slices), batching the VAE
+does not (with glibc's default allocator a batch of 4 was ~2x slower per slice, with freed
+memory retained it is the same), so the VAE of large slices runs one slice at a time, which
+also bounds its memory. Keeping freed memory in the heap saves ~15 % of the wall time. For a
+tiny VAE (kilobytes a slice) batching pays. CUDA gets bf16, channels-last everywhere and whole
+batches (see docs/performance.md).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ class LatentCodec(torch.nn.Module):
     A mask is coded like an image (0 -> -1, 1 -> +1, three channels), so that the UNet predicts
     a mask latent and the VAE decoder turns it back into a probability-like map.
 
-    ``batch`` > 0 runs the VAE on at most that many slices per call (on CPU one slice at a time
-    is fastest: the full-resolution activations of a larger batch leave the caches);
+    ``batch`` > 0 runs the VAE on at most that many slices per call (bounds the memory of its
+    full-resolution activations; on CPU a larger batch is no faster per slice);
     ``channels_last`` feeds it channels-last tensors (set by :func:`~sdfsmis.acceleration.accelerate`).
     """
 

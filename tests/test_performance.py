@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -156,41 +157,26 @@ def test_our_training_step_equals_the_released_one(tiny_backbone, tiny_config):
     assert any(not torch.equal(value, before[name]) for name, value in ours.unet.state_dict().items())
 
 
-def test_bench_cli_reports_inference_and_training(tmp_path):
+def run_bench_cli(tmp_path, *args: str) -> tuple[dict, str]:
+    """``sdfsmis bench --shape tiny ARGS`` in its own process -> (the JSON, stdout)."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sdfsmis.cli",
-            "bench",
-            "--shape",
-            "tiny",
-            "--slices",
-            "5",
-            "--supports",
-            "2",
-            "--repeats",
-            "2",
-            "--reference-slices",
-            "3",
-            "--train",
-            "--train-steps",
-            "2",
-            "--warmup-steps",
-            "1",
-            "--workers",
-            "1",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, "-m", "sdfsmis.cli", "bench", "--shape", "tiny", *args, "--json", str(out)],
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), run.stdout
+
+
+def test_bench_cli_reports_inference_and_training(tmp_path):
+    result, stdout = run_bench_cli(
+        tmp_path,
+        *("--slices", "5", "--supports", "2", "--repeats", "2", "--reference-slices", "3"),
+        *("--train", "--train-steps", "2", "--warmup-steps", "1", "--workers", "1"),
+    )
     assert result["shape"] == "tiny" and result["device"].startswith("cpu") and result["torch"] == torch.__version__
     assert result["slices"] == 5 and result["supports_used"] == 2 and result["reference_slices_timed"] == 3
     assert result["retain_freed_memory"] is True  # CPU default, glibc
@@ -198,4 +184,12 @@ def test_bench_cli_reports_inference_and_training(tmp_path):
         assert result[key] > 0, key
     assert result["speedup"] == pytest.approx(result["reference_s_per_slice"] / result["ours_s_per_slice"], rel=1e-2)
     assert result["masks_agree"] is True and result["mask_dice"] > 0.99
-    assert "speed-up" in run.stdout and "masks agree" in run.stdout
+    assert "speed-up" in stdout and "masks agree" in stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_inference_gives_the_released_masks(tmp_path):
+    """``--compile`` (torch.compile of the UNet, through the SQI processor, and the VAE decoder)."""
+    result, _ = run_bench_cli(tmp_path, "--slices", "5", "--supports", "2", "--repeats", "1", "--compile")
+    assert result["compile"] is True
+    assert result["masks_agree"] is True and result["max_probability_difference"] < 1e-4

@@ -389,9 +389,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    retain_memory = options.retains_memory(device)
-    if retain_memory:  # process-wide, so from the start: the reference runs with it too
-        retain_memory = retain_freed_memory()
+    # process-wide, so set before anything runs: the reference gets it too
+    retain_memory = options.retains_memory(device) and retain_freed_memory()
     model, config = build_model(args, device)
     args.batch_size = args.batch_size or config.inference.batch_size
     result = {

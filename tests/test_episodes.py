@@ -68,3 +68,13 @@ def test_setting2_exclusion_is_judged_on_ground_truth(volume):
         for image in (e.support_image, e.query_image):
             assert not volume.excluded[_find_slice(volume.images, image)]
     volume.excluded[:] = False
+
+
+def test_setting2_leaving_no_usable_slices_says_so(volume):
+    volume.excluded[1::2] = True  # as if every other slice held a test class: no adjacent pair left
+    removed, total = int(volume.excluded.sum()), len(volume.excluded)
+    sampler = EpisodeSampler([volume], seed=3, min_foreground=40, max_tries=20)
+    with pytest.raises(RuntimeError, match=rf"Setting 2 removed {removed} of {total} slices.*exclusion-rule all"):
+        sampler.episode(0)
+    volume.excluded[:] = False
+    assert sampler.episode(0).query_image.shape[-1] == 64

@@ -136,9 +136,18 @@ class EpisodeSampler:
                 if min(episode.support_mask.sum(), episode.query_mask.sum()) < self.min_foreground:
                     continue
             return episode
+        excluded = sum(int(v.excluded.sum()) for v in self.volumes)
+        cause = "the volumes are too small or the supervoxels too fine"
+        if excluded:
+            total = sum(len(v.excluded) for v in self.volumes)
+            cause = (
+                f"Setting 2 removed {excluded} of {total} slices (those with a test class); "
+                "too few adjacent slices are left: try --exclusion-rule all, or volumes with more slices "
+                "outside the test classes"
+            )
         raise RuntimeError(
             f"no episode with >= {self.min_foreground} foreground pixels on two adjacent slices after "
-            f"{self.max_tries} tries: the volumes are too small or the supervoxels too fine"
+            f"{self.max_tries} tries: {cause}"
         )
 
     def batch(self, iteration: int, size: int) -> Episode:

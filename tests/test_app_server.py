@@ -23,6 +23,10 @@ LABEL_INFO = [{"name": "liver", "idx": 1}, {"name": "left kidney", "idx": 3}]
 def server(tmp_path_factory, fitted_backbone, trained_checkpoint):
     root = tmp_path_factory.mktemp("server")
     make_studies(root / "studies", 3, seed=20)
+    # a volume no episode can come from (air, a 6-voxel cube of tissue): training must skip it
+    hopeless = np.full((64, 64, 24), -1000, np.int16)
+    hopeless[30:36, 30:36, 9:15] = 40
+    write_nifti(root / "studies" / "tiny_body.nii.gz", hopeless, np.diag([1.5, 1.5, 5.0, 1.0]))
     (root / "model").mkdir()
     shutil.copy(trained_checkpoint, root / "model" / "sdfsmis.safetensors")
     conf = [("backbone", fitted_backbone), ("model_dir", root / "model"), ("device", "cpu")]
@@ -66,11 +70,15 @@ def test_submit_then_infer_another_image_then_uploaded_slice(server, tmp_path):
     assert params["label_names"] == {"liver": 1, "left kidney": 3}
     assert set(params["voxels"]) == {"liver", "left kidney"} and params["trained"] is True
 
-    # cohort flow by name, and the label of the image itself takes precedence over it
+    # cohort flow by name; without a name, the label of the image itself serves
     _, params = client.infer("sdfsmis", "case_001", {"support": "case_000"})
     assert params["support"]["source"] == "support_param"
     _, params = client.infer("sdfsmis", "case_000", {})
     assert params["support"]["source"] == "same_image_label"
+    # a named support wins over the image's own label: one that cannot serve is refused, naming it
+    with pytest.raises(MONAILabelClientException) as error:
+        client.infer("sdfsmis", "case_000", {"support": "case_001"})
+    assert "400" in str(error.value.msg) and "support image 'case_001' (param 'support')" in str(error.value.msg)
 
     # Slicer's path: a one-slice labelmap uploaded with the request, the rest of C segmented
     _, truth, affine = make_volume(22)
@@ -119,6 +127,7 @@ def test_train_task_completes_and_changes_next_inference(server, tmp_path):
     assert status["status"] == "DONE", status
     stats = client.info()["train_stats"]["sdfsmis"]
     assert stats["status"] == "DONE" and stats["iteration"] == 10
+    assert [s["image"] for s in stats["skipped"]] == ["tiny_body.nii.gz"]  # the rest of the datastore trained
     after, params = client.infer("sdfsmis", "case_001", {"support": "case_000"})
     assert not np.array_equal(before, np.asarray(nib.load(after).dataobj))
 

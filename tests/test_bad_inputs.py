@@ -35,6 +35,12 @@ def server(tmp_path_factory, tiny_backbone):
     write_nifti(studies / "case_mr.nii.gz", image, affine)
     image, _, affine = make_volume(41, shape=SLOW_SHAPE)
     write_nifti(studies / "case_slow.nii.gz", np.rint(image).astype(np.int16), affine)
+    # labels placed on disk by hand (the datastore lists them): one empty, one on another grid
+    image, label, affine = make_volume(42, shape=SHAPE)
+    write_nifti(studies / "case_empty.nii.gz", np.rint(image).astype(np.int16), affine)
+    write_nifti(studies / "labels" / "final" / "case_empty.nii.gz", np.zeros(SHAPE, np.uint8), affine)
+    write_nifti(studies / "case_grid.nii.gz", np.rint(image).astype(np.int16), affine)
+    write_nifti(studies / "labels" / "final" / "case_grid.nii.gz", label[:, :, :10], affine)
     random_head_checkpoint(tiny_backbone, root / "model" / WEIGHTS_NAME)
     conf = [
         ("backbone", tiny_backbone),
@@ -148,7 +154,7 @@ CASES = {
     "support param naming an image with no label": (
         lambda url, r: infer(url, "case_001", {"support": "case_002"}),
         400,
-        "'case_002' has no final label",
+        "'case_002' (param 'support') has no final label",
     ),
     "label id not in the support": (
         lambda url, r: infer(url, "case_001", {"support": "case_000", "labels": "2"}),
@@ -193,10 +199,40 @@ CASES = {
         404,
         "is not in the datastore",
     ),
+    "support param naming an unlabelled image, while the image has its own label": (
+        lambda url, r: infer(url, "case_000", {"support": "case_002"}),
+        400,
+        "support image 'case_002' (param 'support') has no final label",
+    ),
+    "support param naming an unknown image": (
+        lambda url, r: infer(url, "case_000", {"support": "case_999"}),
+        400,
+        "support image 'case_999' (param 'support') is not in the datastore",
+    ),
+    "support param naming an image whose stored label is empty": (
+        lambda url, r: infer(url, "case_000", {"support": "case_empty"}),
+        422,
+        "support 'case_empty' (param 'support'): support label case_empty.nii.gz is empty",
+    ),
+    "support param naming an image whose stored label is on another grid": (
+        lambda url, r: infer(url, "case_000", {"support": "case_grid"}),
+        422,
+        "support 'case_grid' (param 'support'): label case_grid.nii.gz has shape (48, 48, 10)",
+    ),
+    "batch support naming an unlabelled image (asynchronous batch)": (
+        lambda url, r: requests.post(f"{url}/batch/infer/sdfsmis", json={"support": "case_002"}),
+        400,
+        "support image 'case_002' (param 'support') has no final label",
+    ),
+    "batch support naming an image whose stored label is empty": (
+        lambda url, r: requests.post(f"{url}/batch/infer/sdfsmis?run_sync=true", json={"support": "case_empty"}),
+        422,
+        "support 'case_empty' (param 'support')",
+    ),
     "support id with ../": (
         lambda url, r: infer(url, "case_001", {"support": "../studies/case_000"}),
         400,
-        "support image '../studies/case_000' is not in the datastore",
+        "support image '../studies/case_000' (param 'support') is not in the datastore",
     ),
     "session id with ..": (
         lambda url, r: requests.post(

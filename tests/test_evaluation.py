@@ -173,3 +173,65 @@ def test_evaluate_end_to_end(chaos, tiny_backbone, tmp_path):
     volumes = json.loads((realistic / "results.json").read_text())["volumes"]
     assert len(volumes) == 2 * 4 and all(v["slices"] == 10 for v in volumes)  # every query slice
     assert "realistic protocol" in (realistic / "table.md").read_text()
+
+
+def test_registration_falls_back_when_itk_cannot_register():
+    """A blank moving slice (outside the field of view) makes ITK's affine stage raise; the
+    baseline keeps the centred start instead of ending the evaluation."""
+    import SimpleITK as sitk
+
+    from sdfsmis.evaluation.baselines import RegistrationPropagation
+
+    registration = RegistrationPropagation(64)
+    fixed = sitk.GetImageFromArray(np.random.default_rng(0).random((64, 64)).astype(np.float32))
+    blank = sitk.GetImageFromArray(np.zeros((64, 64), np.float32))
+    transform = registration.register(fixed, blank)
+    assert isinstance(transform, sitk.AffineTransform)
+    assert np.allclose(transform.GetMatrix(), np.eye(2).ravel())  # the centred start: same-size slices
+    assert registration.fallbacks and registration.fallbacks[0].startswith("affine failed, centred start kept")
+
+
+class FailsOnOneCase(CopySupport):
+    """CopySupport, except that it raises on the query volume whose slices are ``bad``."""
+
+    def __init__(self, bad_slices: int):
+        self.bad_slices, self.calls = bad_slices, 0
+
+    def segment(self, support, query, index):
+        self.calls += 1
+        if query.shape[0] == self.bad_slices:
+            raise RuntimeError("All samples map outside moving image buffer\nmore ITK text")
+        return support[index]
+
+
+def test_a_method_failing_on_one_volume_is_recorded_and_the_run_goes_on(chaos, tmp_path):
+    from sdfsmis.evaluation.report import write_reports
+
+    truth = load_volume(chaos.label("chaos_02"), label=True).data == 1
+    bad = int(truth.any(axis=(0, 1)).sum())  # the liver slices of one query volume
+    made = []
+
+    def factory(key, fold):
+        made.append((key, fold))
+        return Method(key, "fails once", FailsOnOneCase(bad))
+
+    evaluator = Evaluator(chaos, InferenceConfig(), "paper")
+    records, folds = evaluator.run(["flaky"], factory, 2, log=lambda _: None, done=tmp_path / "finished")
+    failed = [r for r in records if r.get("failed")]
+    assert failed and all(r["failed"] == "RuntimeError: All samples map outside moving image buffer" for r in failed)
+    assert len(records) == 2 * 4 and len(records) - len(failed) > 0  # the others were scored
+    summary = summarise(records)
+    assert sum(c["failed"] for c in summary["flaky"]["classes"].values()) == len(failed)
+    table = write_reports(tmp_path / "out", {}, folds, summary, records, "test")
+    assert "fails once: FAILED on" in table
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_volume.csv")))
+    assert sum(bool(r["failed"]) for r in rows) == len(failed)
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["volumes"]) == len(records)
+
+    # a restart reuses the finished folds: nothing is recomputed, the same records come back
+    made.clear()
+    again, _ = evaluator.run(["flaky"], factory, 2, log=lambda _: None, done=tmp_path / "finished")
+    assert made == [] and again == json.loads(json.dumps(records))
+    # another run (other labels) is not confused with it
+    evaluator.run(["flaky"], factory, 2, labels=[1], log=lambda _: None, done=tmp_path / "finished")
+    assert made == [("flaky", 0), ("flaky", 1)]

@@ -98,13 +98,22 @@ def test_retain_freed_memory_keeps_large_buffers_in_the_heap(mode):
 
 
 def test_bf16_autocast_stays_within_tolerance(tiny_model, tiny_config):
-    """The reduced-precision path (bf16 on CUDA) exercised with CPU autocast."""
+    """The reduced-precision path (bf16 on CUDA) exercised with CPU autocast.
+
+    bf16 keeps 8 mantissa bits (unit roundoff u = 2^-8): what it guarantees is a small error on
+    average, not that no pixel crosses the threshold far from it (which pixel does depends on the
+    CPU's kernels and summation order). So the bound is on the mean error (8 u) and on the share
+    of pixels that flip outside the fence (0.5 %), never on a single pixel."""
     inputs = make_inputs(tiny_config.model.resolution, slices=3, supports=1)
     _, _, full = our_inference(tiny_model, inputs, 3, InferenceOptions(precision="fp32"))
     _, _, reduced = our_inference(tiny_model, inputs, 3, InferenceOptions(precision="bf16"))
     result = agreement(full, reduced, tiny_config.inference.threshold, FENCE["bf16"])
+    unit_roundoff = 2.0**-8
     assert result["max_probability_difference"] > 0  # bf16 really ran
-    assert result["masks_agree"] and result["mask_dice"] > 0.95, result
+    assert result["mean_probability_difference"] <= 8 * unit_roundoff, result
+    assert result["off_fence_fraction"] <= 0.005 and result["mask_dice"] > 0.95, result
+    # a real bound: the flipped masks of another model are far outside it
+    assert agreement(full, 1 - reduced, tiny_config.inference.threshold, FENCE["bf16"])["off_fence_fraction"] > 0.005
 
 
 def test_batch_size_does_not_change_probabilities(tiny_model, inputs):

@@ -191,6 +191,8 @@ def agreement(reference: torch.Tensor, ours: torch.Tensor, threshold: float, fen
         "mismatched_off_fence": off_fence,
         "fence": fence,
         "max_probability_difference": float((reference - ours).abs().max()),
+        "mean_probability_difference": float((reference - ours).abs().mean()),
+        "off_fence_fraction": off_fence / reference.numel(),
         "foreground_fraction": round(float(ref_mask.float().mean()), 6),
     }
 
@@ -320,7 +322,10 @@ def bench_training(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespa
     with tempfile.TemporaryDirectory() as folder:
         images = make_studies(Path(folder), 2, seed=100)
         volumes = [
-            TrainingVolume.load(p, config.model.resolution, None, cfg.supervoxel_min_size, (0.5, 99.5)) for p in images
+            TrainingVolume.load(
+                p, config.model.resolution, None, cfg.supervoxel_min_size, (0.5, 99.5), cfg.min_foreground
+            )
+            for p in images
         ]
     sampler = EpisodeSampler(volumes, cfg.seed, cfg.min_foreground)
     total = args.warmup_steps + args.train_steps

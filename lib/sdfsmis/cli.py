@@ -65,9 +65,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         config.training.seed = args.seed
     if args.gradient_checkpointing:
         config.training.gradient_checkpointing = True
-    for key in ("checkpoint_every", "validate_every"):
+    for key in ("checkpoint_every", "validate_every", "min_foreground"):
         if getattr(args, key):
             setattr(config.training, key, getattr(args, key))
+    if args.supervoxel_min_size:
+        size = args.supervoxel_min_size
+        config.training.supervoxel_min_size = size if size == "auto" else int(size)
     run = TrainingRun(
         backbone=args.backbone,
         images=images,
@@ -171,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
     training.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     training.add_argument("--workers", type=int, default=0, help="processes preparing episodes ahead of the step")
+    training.add_argument("--min-foreground", type=int, default=None, help="episode mask pixels at model resolution")
+    training.add_argument(
+        "--supervoxel-min-size", default=None, help="voxels, or 'auto' (default): from voxel size and min-foreground"
+    )
     training.set_defaults(run=cmd_train)
 
     download = commands.add_parser("download", help="fetch SD v1.5 (vae, unet) + DINOv2-small")

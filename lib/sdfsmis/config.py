@@ -60,8 +60,8 @@ class TrainingConfig:
     checkpoint_every: int = 1000
     validate_every: int = 1000
     validation_episodes: int = 16
-    min_foreground: int = 200
-    supervoxel_min_size: int = 5000
+    min_foreground: int = 200  # pixels of an episode's masks, at model resolution
+    supervoxel_min_size: int | str = "auto"  # voxels; "auto": from the voxel size and min_foreground
     gt_rate: float = 0.0
     gradient_checkpointing: bool = False
 

@@ -8,7 +8,9 @@ is reproducible and a resumed run continues exactly where it stopped, with no sa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,41 @@ import torch
 
 from .augment import augment
 from .supervoxels import load_or_compute_supervoxels
-from .volume import SliceGrid, axial_slices, load_volume, normalise_intensity
+from .volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity, ras_spacing
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+class NoEpisodes(RuntimeError):
+    """No training volume yields an episode; the message names the setting to change."""
+
+
+def auto_supervoxel_min_size(volume: Volume, resolution: int, min_foreground: int) -> int:
+    """The smallest supervoxel (in voxels) that can make an episode at model resolution.
+
+    A model pixel covers ``side * spacing / resolution`` mm (the slice is padded to a square of
+    ``side`` voxels, then resized), so an episode's ``min_foreground`` pixels are an area in mm².
+    The smallest supervoxel is a cube (SLIC makes them roughly isotropic in mm) whose cross-section
+    is twice that area, at least two slices thick, so that a typical supervoxel covers the minimum
+    on two adjacent slices whatever the voxel size, slice thickness and field of view.
+    """
+    spacing = np.asarray(ras_spacing(volume))
+    side = max(volume.data.shape[:2])
+    pixel_mm2 = float(np.prod(spacing[:2])) * (side / resolution) ** 2
+    area = 2.0 * min_foreground * pixel_mm2
+    thickness = max(np.sqrt(area), 2.0 * spacing[2])
+    return max(1, round(area * thickness / float(np.prod(spacing))))
+
+
+def _areas(maps: torch.Tensor) -> np.ndarray:
+    """[ids + 1, Z] pixel count of every id on every slice of ``maps`` [Z, R, R]."""
+    depth = maps.shape[0]
+    flat = maps.flatten(1).long()
+    ids = int(flat.max()) + 1 if flat.numel() else 1
+    keys = (flat * depth + torch.arange(depth)[:, None]).flatten()
+    return torch.bincount(keys, minlength=ids * depth).view(ids, depth).numpy()
 
 
 @dataclass
@@ -42,6 +78,7 @@ class TrainingVolume:
     supervoxels: torch.Tensor  # [Z, R, R] int32
     labels: torch.Tensor | None  # [Z, R, R] int32 ground truth, when the volume has one
     excluded: np.ndarray  # [Z] bool: slices removed for Setting 2
+    supervoxel_min_size: int = 0
 
     @classmethod
     def load(
@@ -49,11 +86,16 @@ class TrainingVolume:
         image_path: Path,
         resolution: int,
         label_path: Path | None = None,
-        supervoxel_min_size: int = 5000,
+        supervoxel_min_size: int | str = 5000,
         clip_percentiles: tuple[float, float] = (0.5, 99.5),
+        min_foreground: int = 200,
     ) -> TrainingVolume:
+        """``supervoxel_min_size`` "auto" follows the voxel size and the model resolution
+        (:func:`auto_supervoxel_min_size`, from ``min_foreground``)."""
         volume = load_volume(image_path)
-        supervoxels = volume.from_original(load_or_compute_supervoxels(image_path, min_size=supervoxel_min_size))
+        if supervoxel_min_size == AUTO:
+            supervoxel_min_size = auto_supervoxel_min_size(volume, resolution, min_foreground)
+        supervoxels = volume.from_original(load_or_compute_supervoxels(image_path, min_size=int(supervoxel_min_size)))
         grid = SliceGrid(*volume.data.shape[:2], resolution)
         every = np.arange(volume.data.shape[2])
         data = normalise_intensity(volume.data, clip_percentiles)
@@ -68,6 +110,41 @@ class TrainingVolume:
             supervoxels=labelmap(supervoxels),
             labels=labels,
             excluded=np.zeros(len(every), dtype=bool),
+            supervoxel_min_size=int(supervoxel_min_size),
+        )
+
+    @cached_property
+    def supervoxel_areas(self) -> np.ndarray:
+        return _areas(self.supervoxels)
+
+    @cached_property
+    def label_areas(self) -> np.ndarray:
+        return _areas(self.labels)
+
+    def targets(self, ground_truth: bool, min_foreground: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ids with >= ``min_foreground`` pixels on two adjacent kept slices, and [ids + 1, Z - 1]
+        whether each pair (z, z + 1) qualifies."""
+        areas = self.label_areas if ground_truth else self.supervoxel_areas
+        usable = (areas >= min_foreground) & ~self.excluded[None]
+        pairs = usable[:, :-1] & usable[:, 1:]
+        pairs[0] = False  # background
+        return np.flatnonzero(pairs.any(axis=1)), pairs
+
+    def why_no_episodes(self, min_foreground: int) -> str | None:
+        """None when the volume yields episodes, else the reason in words."""
+        if self.targets(False, min_foreground)[0].size:
+            return None
+        if self.supervoxel_areas.shape[0] < 2:
+            return "no body found (no supervoxel)"
+        if self.excluded.any():
+            return (
+                f"Setting 2 removed {int(self.excluded.sum())} of {len(self.excluded)} slices (those with a test "
+                "class): too few adjacent slices are left"
+            )
+        largest = int(self.supervoxel_areas[1:].max())
+        return (
+            f"its largest supervoxel covers {largest} model pixels on a slice, fewer than training.min_foreground "
+            f"= {min_foreground} on two adjacent slices (supervoxels of >= {self.supervoxel_min_size} voxels)"
         )
 
     def exclude_classes(self, classes: list[int], rule: str = "any") -> None:
@@ -105,19 +182,12 @@ class EpisodeSampler:
         for _ in range(self.max_tries):
             volume = self.volumes[rng.integers(len(self.volumes))]
             use_gt = volume.labels is not None and rng.random() < self.gt_rate
-            maps = volume.labels if use_gt else volume.supervoxels
-            ids = np.unique(maps.numpy())
-            ids = ids[ids > 0]
+            ids, pairs = volume.targets(use_gt, self.min_foreground)
             if ids.size == 0:
                 continue
             target = int(rng.choice(ids))
-            masks = maps == target
-            area = masks.flatten(1).sum(dim=1).numpy()
-            usable = (area >= self.min_foreground) & ~volume.excluded
-            pairs = np.flatnonzero(usable[:-1] & usable[1:])
-            if pairs.size == 0:
-                continue
-            z = int(rng.choice(pairs))
+            masks = (volume.labels if use_gt else volume.supervoxels) == target
+            z = int(rng.choice(np.flatnonzero(pairs[target])))
             support, query = (z, z + 1) if rng.random() < 0.5 else (z + 1, z)
             episode = Episode(
                 volume.images[support : support + 1],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -29,11 +30,14 @@ from tqdm.auto import tqdm
 
 from .checkpoints import publish, read_state, resume, write_checkpoint
 from .config import SDFSMISConfig, TrainingConfig
-from .episodes import Episode, EpisodeSampler, TrainingVolume
+from .episodes import Episode, EpisodeSampler, NoEpisodes, TrainingVolume
 from .model import SDFSMIS
+from .volume import VolumeError
 from .weights import WEIGHTS_NAME, load_weights
 
 IMAGE_PATTERNS = ("*.nii.gz", "*.nii")
+
+logger = logging.getLogger(__name__)
 
 
 def find_images(spec: str | Path) -> list[Path]:
@@ -186,11 +190,9 @@ class Trainer:
             )
         if self.world > 1 and not self.is_main:
             dist.barrier()  # rank 0 computes and caches the supervoxels first, the others read them
-        volumes = [self._load(image) for image in run.images]
+        volumes = self._usable_volumes()
         if self.world > 1 and self.is_main:
             dist.barrier()
-        for volume in volumes:
-            volume.exclude_classes(run.exclude_classes, run.exclusion_rule)
         # Hold out one volume for validation when there are enough; otherwise validate on
         # other episodes (different seed, no augmentation) of the same volumes.
         held_out = volumes[-1:] if len(volumes) >= 3 else volumes
@@ -206,13 +208,42 @@ class Trainer:
 
     def _load(self, image: Path) -> TrainingVolume:
         label = find_label(image) if self.run.use_labels else None
-        return TrainingVolume.load(
+        volume = TrainingVolume.load(
             image,
             self.run.config.model.resolution,
             label,
             self.run.config.training.supervoxel_min_size,
             self.run.config.inference.clip_percentiles,
+            self.run.config.training.min_foreground,
         )
+        volume.exclude_classes(self.run.exclude_classes, self.run.exclusion_rule)
+        return volume
+
+    def _usable_volumes(self) -> list[TrainingVolume]:
+        """The volumes that yield episodes; each other one is skipped with a warning saying why
+        (``self.skipped``), and training stops only when none is left."""
+        cfg = self.run.config.training
+        volumes, self.skipped = [], []
+        for image in self.run.images:
+            try:
+                volume = self._load(image)
+                reason = volume.why_no_episodes(cfg.min_foreground)
+            except VolumeError as error:
+                reason = str(error)
+            if reason is None:
+                volumes.append(volume)
+                continue
+            self.skipped.append({"image": image.name, "reason": reason})
+            if self.is_main:
+                logger.warning(f"training: skipping {image.name}: {reason}")
+        if not volumes:
+            reasons = "; ".join(f"{s['image']}: {s['reason']}" for s in self.skipped)
+            raise NoEpisodes(
+                f"no training volume yields an episode ({reasons}). Lower training.min_foreground (now "
+                f"{cfg.min_foreground}, --min-foreground) or set training.supervoxel_min_size (now "
+                f"{cfg.supervoxel_min_size!r}, --supervoxel-min-size) so that supervoxels cover that many model pixels"
+            )
+        return volumes
 
     @torch.no_grad()
     def validate(self, sampler: EpisodeSampler) -> float:
@@ -293,6 +324,7 @@ class Trainer:
             "losses": losses,
             "it_per_s": done / max(time.perf_counter() - started, 1e-9),
             "world_size": self.world,
+            "skipped": self.skipped,
             "final": final,
             "checkpoint": str(run.output / WEIGHTS_NAME),
         }

@@ -221,6 +221,14 @@ def check_same_geometry(image: Volume | Geometry, label: Volume | Geometry, atol
         )
 
 
+def ras_spacing(volume: Volume) -> tuple[float, float, float]:
+    """Voxel size (mm) along the axes of the RAS working array."""
+    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    out = np.zeros(3)
+    out[orientations.io_orientation(volume.affine)[:, 0].astype(int)] = spacing
+    return tuple(float(v) for v in out)
+
+
 def normalise_intensity(data: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
     """Robust per-volume min-max to [-1, 1] (SD-FSMIS's loader), in float32."""
     low, high = np.percentile(data, percentiles)

@@ -14,6 +14,8 @@
    ``image``, ``label``, ``file`` and ``session`` (which would again name server paths).
    ``PUT /datastore/label`` is served the same way: the app's datastore decodes and checks a
    submitted label before storing it (:mod:`lib.datastore`), which takes a while for a big one.
+   ``POST /batch/infer/{model}`` is checked before its task starts (server keys, and a support
+   named in its params must be able to serve), so that even an asynchronous batch answers 4xx.
 2. Request bodies are bounded (``--conf max_upload_mb``): MONAI Label spools any upload to disk
    whatever its size. The limit wraps the server's ASGI stack: a declared ``Content-Length``
    above it is refused at once with 413, and a chunked body is cut off when it passes it.
@@ -29,14 +31,19 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from monailabel.config import settings
+from monailabel.endpoints import batch_infer as batch_infer_endpoint
 from monailabel.endpoints import datastore as datastore_endpoint
 from monailabel.endpoints import infer as infer_endpoint
 from monailabel.interfaces.utils.app import app_instance
+
+from .infers.guard import http_errors
+from .infers.support import named_support
 
 logger = logging.getLogger(__name__)
 
 INFER_PATH = f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}"
 LABEL_PATH = f"{settings.MONAI_LABEL_API_STR}/datastore/label"
+BATCH_PATH = f"{settings.MONAI_LABEL_API_STR}/batch/infer/{{model}}"
 SERVER_KEYS = ("image", "label", "file", "session")
 
 
@@ -77,6 +84,20 @@ def infer_in_threadpool(*, user=None, **kwargs):
 infer_in_threadpool.__signature__ = inspect.signature(infer_endpoint.api_run_inference)
 
 
+def checked_batch_infer(*, user=None, **kwargs):
+    """``POST /batch/infer/{model}`` as MONAI Label serves it, once its params are checked."""
+    params = kwargs["params"] or {}
+    check_server_keys(params)
+    if params.get("support"):
+        app = app_instance()
+        with http_errors():
+            named_support(app.datastore(), params["support"]).load(max_voxels=app.settings.max_voxels)
+    return batch_infer_endpoint.run(**kwargs)
+
+
+checked_batch_infer.__signature__ = inspect.signature(batch_infer_endpoint.api_run)
+
+
 def save_label_in_threadpool(*, user, **kwargs):
     """``PUT /datastore/label`` as MONAI Label serves it, but in a worker thread."""
     return datastore_endpoint.save_label(**kwargs, user=user.username)
@@ -84,7 +105,11 @@ def save_label_in_threadpool(*, user, **kwargs):
 
 save_label_in_threadpool.__signature__ = inspect.signature(datastore_endpoint.api_save_label)
 
-THREADED = [("POST", INFER_PATH, infer_in_threadpool), ("PUT", LABEL_PATH, save_label_in_threadpool)]
+THREADED = [
+    ("POST", INFER_PATH, infer_in_threadpool),
+    ("PUT", LABEL_PATH, save_label_in_threadpool),
+    ("POST", BATCH_PATH, checked_batch_infer),
+]
 
 
 def serve_in_threadpool(app: FastAPI) -> None:

@@ -102,6 +102,11 @@ class PrototypeMatcher:
         return out
 
 
+def _last_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 class RegistrationPropagation:
     """Label propagation by registration: per query slice, the support slice (moving) is aligned
     to the query (fixed) with an affine then a B-spline transform (Mattes mutual information,
@@ -114,6 +119,7 @@ class RegistrationPropagation:
         self.config = BaselineConfig(resolution)
         self.device = torch.device("cpu")
         self.mesh, self.iterations, self.seed, self.threads = mesh, iterations, seed, threads
+        self.fallbacks: list[str] = []  # stages that failed and what was kept instead
 
     def encode_support(self, image: torch.Tensor, mask: torch.Tensor) -> list[tuple[sitk.Image, sitk.Image]]:
         return [
@@ -133,21 +139,34 @@ class RegistrationPropagation:
         return method
 
     def register(self, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
-        """The transform that maps fixed-image points into the moving image."""
+        """The transform that maps fixed-image points into the moving image.
+
+        It starts from the centred (geometry) transform; a stage that ITK cannot run (e.g. "All
+        samples map outside moving image buffer" on a pair with little overlap) falls back to the
+        previous one: B-spline -> affine -> the centred start. ``self.fallbacks`` says which."""
         affine = sitk.CenteredTransformInitializer(
             fixed, moving, sitk.AffineTransform(2), sitk.CenteredTransformInitializerFilter.GEOMETRY
         )
+        start = sitk.AffineTransform(affine)
         linear = self._method([4, 2, 1])
         linear.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, self.iterations, relaxationFactor=0.7)
         linear.SetOptimizerScalesFromPhysicalShift()
         linear.SetInitialTransform(affine, inPlace=True)
-        linear.Execute(fixed, moving)
+        try:
+            linear.Execute(fixed, moving)
+        except RuntimeError as error:
+            self.fallbacks.append(f"affine failed, centred start kept: {_last_line(error)}")
+            return start
         bspline = sitk.BSplineTransformInitializer(fixed, [self.mesh, self.mesh])
         deformable = self._method([2, 1])
         deformable.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=self.iterations)
         deformable.SetMovingInitialTransform(affine)
         deformable.SetInitialTransform(bspline, inPlace=True)
-        deformable.Execute(fixed, moving)
+        try:
+            deformable.Execute(fixed, moving)
+        except RuntimeError as error:
+            self.fallbacks.append(f"B-spline failed, affine kept: {_last_line(error)}")
+            return affine
         return sitk.CompositeTransform([affine, bspline])  # B-spline applied first, then the affine
 
     @torch.no_grad()

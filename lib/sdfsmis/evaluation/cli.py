@@ -54,7 +54,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )  # fmt: skip
     started = time.perf_counter()
     evaluator = Evaluator(dataset, config.inference, args.protocol)
-    records, folds = evaluator.run(methods, factory, args.folds, _ids(args.labels), args.support_index)
+    run_key = {k: str(getattr(args, k)) for k in ("backbone", "checkpoint", "config", "setting", "device")}
+    run_key.update(prototype=args.prototype_resolution, registration=args.registration_resolution)
+    done = Path(args.output) / "finished"  # a restarted run reuses the (fold, method) results kept here
+    labels = _ids(args.labels)
+    records, folds = evaluator.run(methods, factory, args.folds, labels, args.support_index, done=done, run_key=run_key)
     wall = time.perf_counter() - started
     summary = summarise(records)
     heading = (

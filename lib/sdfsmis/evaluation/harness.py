@@ -11,32 +11,24 @@ protocol (RPT EP1) or the realistic one, and score every query volume.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from nibabel import orientations
 from scipy import ndimage
 
 from ..config import InferenceConfig
 from ..inference import VolumeSegmenter
-from ..volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity
+from ..volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity, ras_spacing
 from .dataset import PreparedDataset
 from .methods import Method
 from .metrics import score_volume
 from .protocol import chunk_index, make_folds, organ_slices, support_slices
 
 PROTOCOLS = ("paper", "realistic")
-
-
-def ras_spacing(volume: Volume) -> tuple[float, float, float]:
-    """Voxel size (mm) along the axes of the RAS working array."""
-    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
-    ornt = orientations.io_orientation(volume.affine)
-    out = np.zeros(3)
-    out[ornt[:, 0].astype(int)] = spacing
-    return tuple(float(s) for s in out)
 
 
 def largest_component_per_slice(mask: np.ndarray) -> np.ndarray:
@@ -142,6 +134,48 @@ class Evaluator:
             "query_slices": [min(report.query_slices), max(report.query_slices)],
         }
 
+    def _fold_records(self, method: Method, key: str, fold, support: Case, queries: list[Case], labels, log):
+        """One method's records on one fold; a failure on a (volume, class) is a record with the reason."""
+        records = []
+        for label_id in labels:
+            if not (support.label.data == label_id).any():
+                log(f"fold {fold.index}: support {fold.support} has no label {label_id}: class skipped")
+                continue
+            base = {"method": key, "title": method.title, "fold": fold.index, "support": fold.support}
+            base.update(label=label_id, organ=self.dataset.organ(label_id))
+            try:
+                encoded = self.encode(method, support, label_id) if self.protocol == "paper" else None
+            except Exception as error:  # noqa: BLE001 - a failing method is recorded, the run goes on
+                encoded = error
+            for query in queries:
+                if not (query.label.data == label_id).any():
+                    continue
+                try:
+                    if isinstance(encoded, Exception):
+                        raise encoded
+                    if self.protocol == "paper":
+                        scores = self.paper(method, query, label_id, encoded)
+                    else:
+                        scores = self.realistic(method, support, query, label_id)
+                except Exception as error:  # noqa: BLE001
+                    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+                    records.append({**base, "case": query.name, "failed": reason})
+                    log(f"fold {fold.index} {key:12s} {base['organ']:14s} {query.name}: FAILED ({reason})")
+                    continue
+                record = {
+                    **base,
+                    "case": query.name,
+                    **scores,
+                    "seconds_per_slice": scores["seconds"] / max(scores["slices"], 1),
+                }
+                records.append(record)
+                log(
+                    f"fold {fold.index} {key:12s} {record['organ']:14s} {query.name}: "
+                    f"Dice {record['dice']:.3f} HD95 {record['hd95']:.1f} mm ({record['slices']} slices, "
+                    f"{record['seconds_per_slice']:.3f} s/slice)"
+                )
+        return records
+
     def run(
         self,
         methods: list[str],
@@ -150,44 +184,34 @@ class Evaluator:
         labels: list[int] | None = None,
         support_index: int = 0,
         log=print,
+        done: Path | None = None,
+        run_key: dict | None = None,
     ) -> tuple[list[dict], list[dict]]:
-        """Every (fold, method, class, query volume) record, and the fold definitions."""
+        """Every (fold, method, class, query volume) record, and the fold definitions. With ``done``
+        (a folder), each finished (fold, method) is kept there and not recomputed on a restart of the
+        same run (``run_key``: what else defines it, e.g. the checkpoint)."""
         labels = labels or self.dataset.test_labels
         clip = self.inference.clip_percentiles
         records, fold_info = [], []
         for fold in make_folds(self.dataset.cases, folds, support_index):
             fold_info.append({"fold": fold.index, "cases": fold.cases, "support": fold.support})
-            support = _load_case(self.dataset, fold.support, clip)
-            queries = [_load_case(self.dataset, name, clip) for name in fold.queries]
+            support, queries = None, None
             for key in methods:
+                identity = {"protocol": self.protocol, "labels": list(labels), **fold_info[-1], **(run_key or {})}
+                kept = done / f"fold{fold.index}_{key}.json" if done else None
+                if kept and kept.is_file() and (saved := json.loads(kept.read_text()))["identity"] == identity:
+                    log(f"fold {fold.index} {key}: finished in an earlier run ({kept})")
+                    records += saved["records"]
+                    continue
+                if support is None:
+                    support = _load_case(self.dataset, fold.support, clip)
+                    queries = [_load_case(self.dataset, name, clip) for name in fold.queries]
                 method = factory(key, fold.index)
-                for label_id in labels:
-                    encoded = self.encode(method, support, label_id) if self.protocol == "paper" else None
-                    if not (support.label.data == label_id).any():
-                        log(f"fold {fold.index}: support {fold.support} has no label {label_id}: class skipped")
-                        continue
-                    for query in queries:
-                        if self.protocol == "paper":
-                            scores = self.paper(method, query, label_id, encoded)
-                        else:
-                            scores = self.realistic(method, support, query, label_id)
-                        if scores is None:
-                            continue
-                        record = {
-                            "method": key,
-                            "title": method.title,
-                            "fold": fold.index,
-                            "support": fold.support,
-                            "case": query.name,
-                            "label": label_id,
-                            "organ": self.dataset.organ(label_id),
-                            **scores,
-                            "seconds_per_slice": scores["seconds"] / max(scores["slices"], 1),
-                        }
-                        records.append(record)
-                        log(
-                            f"fold {fold.index} {key:12s} {record['organ']:14s} {query.name}: "
-                            f"Dice {record['dice']:.3f} HD95 {record['hd95']:.1f} mm ({record['slices']} slices, "
-                            f"{record['seconds_per_slice']:.3f} s/slice)"
-                        )
+                found = self._fold_records(method, key, fold, support, queries, labels, log)
+                records += found
+                if kept:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = kept.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"identity": identity, "records": found}, default=float))
+                    tmp.replace(kept)
         return records, fold_info

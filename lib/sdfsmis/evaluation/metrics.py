@@ -37,10 +37,16 @@ def _finite_mean(values: list[float]) -> float | None:
 def summarise(records: list[dict]) -> dict:
     """``records``: one dict per (method, fold, query volume, class) with ``dice``, ``hd95``,
     ``assd``, ``seconds`` and ``slices``. Returns, per method and class, the mean over folds of
-    the per-fold mean over volumes, the per-fold values, and the mean over classes."""
+    the per-fold mean over volumes, the per-fold values, and the mean over classes. A record with
+    ``failed`` (the method raised on that volume and class) is counted in ``failed``, never scored."""
     grouped: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     timing: dict = defaultdict(lambda: [0.0, 0])
+    failed: dict = defaultdict(lambda: defaultdict(int))
     for r in records:
+        if r.get("failed"):
+            failed[r["method"]][r["organ"]] += 1
+            grouped[r["method"]][r["organ"]]  # the class is listed even when every volume failed
+            continue
         grouped[r["method"]][r["organ"]][r["fold"]].append(r)
         timing[r["method"]][0] += r["seconds"]
         timing[r["method"]][1] += r["slices"]
@@ -57,6 +63,7 @@ def summarise(records: list[dict]) -> dict:
                 "dice_per_fold": per_fold["dice"],
                 "volumes": sum(len(rows) for rows in folds.values()),
                 "empty_predictions": sum(not np.isfinite(r["hd95"]) for rows in folds.values() for r in rows),
+                "failed": failed[method][organ],
             }
         mean = {
             key: _finite_mean([c[key] for c in classes.values() if c[key] is not None])

@@ -12,7 +12,7 @@ from pathlib import Path
 ORGAN_ORDER = ("left_kidney", "right_kidney", "spleen", "liver")
 CSV_FIELDS = (
     "method", "fold", "support", "case", "label", "organ", "dice", "hd95", "assd", "slices", "seconds",
-    "seconds_per_slice",
+    "seconds_per_slice", "failed",
 )  # fmt: skip
 
 
@@ -51,6 +51,10 @@ def markdown_table(summary: dict, titles: dict[str, str], heading: str) -> str:
         if empty:
             total = sum(c["volumes"] for c in result["classes"].values())
             notes.append(f"{titles[key]}: {empty} of {total} predictions empty (no HD95/ASSD; Dice 0 counted).")
+        failed = {organ: c["failed"] for organ, c in result["classes"].items() if c.get("failed")}
+        if failed:
+            where = ", ".join(f"{n} {organ}" for organ, n in failed.items())
+            notes.append(f"{titles[key]}: FAILED on {where} (not scored; reasons in results.json / per_volume.csv).")
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from functools import partial
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from sdfsmis.volume import LABEL_FORMATS, VolumeError, check_same_geometry, load_volume
+from sdfsmis.volume import LABEL_FORMATS, VolumeError, load_volume
 
 from ..configs import ModelRuntime
 from .guard import http_errors, parse_label_ids
@@ -48,11 +47,8 @@ class SDFSMISInfer(InferTask):
         started = time.perf_counter()
         segmenter, trained = self.runtime.segmenter()
         support = resolve_support(request, self.datastore, request.get("image_id"))
-        load = partial(load_volume, max_voxels=self.runtime.settings.max_voxels)
-        query = load(request["image"])
-        support_image = query if support.image.resolve() == query.path.resolve() else load(support.image)
-        support_label = load(support.label, label=True)
-        check_same_geometry(support_image, support_label)
+        query = load_volume(request["image"], max_voxels=self.runtime.settings.max_voxels)
+        support_image, support_label = support.load(query, self.runtime.settings.max_voxels)
         wanted = parse_label_ids(request.get("labels"), support.label_names)
         result = segmenter.segment(support_image, support_label, query, wanted)
         # OHIF asks for raw NRRD (result_extension ".nrrd"), Slicer and the CLI get NIfTI

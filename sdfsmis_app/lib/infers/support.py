@@ -1,9 +1,11 @@
-"""Where the support of a request comes from, in order of precedence:
+"""Where the support of a request comes from, in order of precedence (what the user typed or
+drew wins over anything implicit):
 
 a. a labelmap uploaded with the request (Slicer's scribbles path: the file ``label``) -> the
    annotated slices of the SAME image are the support;
-b. a submitted final label of the same image (a partially annotated volume) -> same as a.;
-c. the request param ``support`` = an image id whose final label is the support (cohort flow);
+b. the request param ``support`` = an image id whose final label is the support (cohort flow);
+   a named support that cannot serve is an error naming it, never replaced by another one;
+c. a submitted final label of the same image (a partially annotated volume) -> same as a.;
 d. the most recently submitted final label in the datastore.
 """
 
@@ -16,6 +18,8 @@ from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from sdfsmis.dicom_seg import palette_colour
+from sdfsmis.inference import select_label_ids
+from sdfsmis.volume import Volume, VolumeError, check_same_geometry, load_volume
 
 FINAL = DefaultLabelTag.FINAL.value
 
@@ -28,7 +32,7 @@ class SupportNotFound(LookupError):
 class Support:
     image: Path
     label: Path
-    source: str  # "uploaded_label" | "same_image_label" | "support_param" | "latest_label"
+    source: str  # "uploaded_label" | "support_param" | "same_image_label" | "latest_label"
     image_id: str | None
     label_names: dict[int, str] = field(default_factory=dict)
     label_colours: dict[int, list[int]] = field(default_factory=dict)
@@ -38,6 +42,27 @@ class Support:
 
     def colour(self, idx: int) -> list[int]:
         return self.label_colours.get(idx) or label_colour({"idx": idx, "name": self.name(idx)})
+
+    def what(self) -> str:
+        """The support as the user knows it, for error messages."""
+        return {
+            "uploaded_label": "the label uploaded with the request",
+            "support_param": f"support '{self.image_id}' (param 'support')",
+            "same_image_label": f"the final label of '{self.image_id}'",
+        }.get(self.source, f"support '{self.image_id}' (the newest final label)")
+
+    def load(self, query: Volume | None = None, max_voxels: int | None = None) -> tuple[Volume, Volume]:
+        """Support image and label, checked (readable, one voxel grid, something drawn); an error
+        names the support, so that a user sees which of their inputs to fix."""
+        try:
+            same = query is not None and self.image.resolve() == query.path.resolve()
+            image = query if same else load_volume(self.image, max_voxels=max_voxels)
+            label = load_volume(self.label, label=True, max_voxels=max_voxels)
+            check_same_geometry(image, label)
+            select_label_ids(label)
+        except VolumeError as error:
+            raise type(error)(f"{self.what()}: {error}") from error
+        return image, label
 
     def describe(self) -> dict:
         return {
@@ -104,6 +129,19 @@ def _final_label(datastore: Datastore, image_id: str) -> Support | None:
     )
 
 
+def named_support(datastore: Datastore, requested: object) -> Support:
+    """The final label of the image named by param ``support``; an error naming it when there is none."""
+    if not isinstance(requested, str) or requested not in datastore.list_images():
+        raise SupportNotFound(f"support image '{requested}' (param 'support') is not in the datastore")
+    support = _final_label(datastore, requested)
+    if support is None:
+        raise SupportNotFound(
+            f"support image '{requested}' (param 'support') has no final label: submit a label for it first"
+        )
+    support.source = "support_param"
+    return support
+
+
 def resolve_support(request: dict, datastore: Datastore, image_id: str | None) -> Support:
     if request.get("label"):
         return Support(
@@ -114,16 +152,10 @@ def resolve_support(request: dict, datastore: Datastore, image_id: str | None) -
             label_names_from_info(request.get("label_info") or request.get("label_names")),
             label_colours_from_info(request.get("label_info")),
         )
+    if request.get("support"):
+        return named_support(datastore, request["support"])
     if image_id and (support := _final_label(datastore, image_id)):
         support.source = "same_image_label"
-        return support
-    if requested := request.get("support"):
-        if requested not in datastore.list_images():
-            raise SupportNotFound(f"support image '{requested}' is not in the datastore")
-        support = _final_label(datastore, requested)
-        if support is None:
-            raise SupportNotFound(f"support image '{requested}' has no final label: submit a label for it first")
-        support.source = "support_param"
         return support
     latest = max(
         (

@@ -118,7 +118,12 @@ class SDFSMISTrain(TrainTask):
             raise
         publish(run.output / WEIGHTS_NAME, settings.checkpoint)
         stats.update(
-            {"status": "DONE", "checkpoint": str(settings.checkpoint), "resumed_from": summary["resumed_from"]},
+            {
+                "status": "DONE",
+                "checkpoint": str(settings.checkpoint),
+                "resumed_from": summary["resumed_from"],
+                "skipped": summary["skipped"],  # volumes that yield no episode, with the reason
+            },
             **summary["final"],
         )
         self._write_stats(stats)

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from sdfsmis.cli import main
 from sdfsmis.synthetic import make_volume, write_nifti
 from sdfsmis.volume import VolumeError, check_same_geometry, load_volume
 
@@ -101,10 +102,11 @@ def test_bad_inputs_give_clear_errors(volumes, tmp_path):
         tmp_path / "empty.nii.gz", np.zeros(nib.load(support).shape, np.uint8), nib.load(support).affine
     )
     common = ["--support-image", str(support), "--image", str(query), "--output", str(tmp_path / "o.nii.gz")]
-    run = _sdfsmis("infer", "--backbone", str(tmp_path / "missing"), "--support-label", str(empty), *common)
-    assert run.returncode != 0 and "support label empty.nii.gz is empty" in run.stderr
-    run = _sdfsmis("infer", "--backbone", str(tmp_path / "missing"), "--support-label", str(support_label), *common)
-    assert run.returncode != 0 and "missing does not exist" in run.stderr and "sdfsmis download" in run.stderr
-    run = _sdfsmis("infer", "--support-label", str(support_label), "--labels", "2", *common)
-    assert run.returncode != 0 and "label ids [2] are not in the support label" in run.stderr
+    # the command's own entry point, in this process (an exit with the message, as the shell sees it)
+    with pytest.raises(SystemExit, match="support label empty.nii.gz is empty"):
+        main(["infer", "--backbone", str(tmp_path / "missing"), "--support-label", str(empty), *common])
+    with pytest.raises(SystemExit, match="missing does not exist.*sdfsmis download"):
+        main(["infer", "--backbone", str(tmp_path / "missing"), "--support-label", str(support_label), *common])
+    with pytest.raises(SystemExit, match=r"label ids \[2\] are not in the support label"):
+        main(["infer", "--support-label", str(support_label), "--labels", "2", *common])
     assert not (tmp_path / "o.nii.gz").exists()

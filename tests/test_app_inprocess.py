@@ -57,7 +57,10 @@ def test_no_support_and_unknown_support_are_clear_errors(client):
     response = client.post(
         "/infer/sdfsmis?image=case_000&output=json", data={"params": json.dumps({"support": "nobody"})}
     )
-    assert response.status_code == 400 and "'nobody' (param 'support') is not in the datastore" in response.json()["detail"]
+    assert (
+        response.status_code == 400
+        and "'nobody' (param 'support') is not in the datastore" in response.json()["detail"]
+    )
     response = client.post(
         "/infer/sdfsmis?image=case_000&output=json", data={"params": json.dumps({"support": "case_001"})}
     )

@@ -55,6 +55,7 @@ def cmd_supervoxels(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .episodes import AUTO
     from .evaluation.protocol import training_selection
     from .trainer import TrainingRun, train
 
@@ -70,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             setattr(config.training, key, getattr(args, key))
     if args.supervoxel_min_size:
         size = args.supervoxel_min_size
-        config.training.supervoxel_min_size = size if size == "auto" else int(size)
+        config.training.supervoxel_min_size = size if size == AUTO else int(size)
     run = TrainingRun(
         backbone=args.backbone,
         images=images,

@@ -8,7 +8,6 @@ is reproducible and a resumed run continues exactly where it stopped, with no sa
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,8 +18,6 @@ import torch
 from .augment import augment
 from .supervoxels import load_or_compute_supervoxels
 from .volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity, ras_spacing
-
-logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 

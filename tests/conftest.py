@@ -31,7 +31,7 @@ def tiny_config(tiny_backbone):
 
 @pytest.fixture()
 def tiny_model(tiny_backbone, tiny_config):
-    from sdfsmis.model import SDFSMIS
+    from sdfsmis.models.sdfsmis import SDFSMIS
 
     torch.manual_seed(0)
     return SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).eval()

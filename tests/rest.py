@@ -13,7 +13,7 @@ import requests
 import torch
 
 from sdfsmis.config import load_config
-from sdfsmis.model import SDFSMIS
+from sdfsmis.models.sdfsmis import SDFSMIS
 from sdfsmis.synthetic import make_volume, write_nifti
 from sdfsmis.weights import save_weights
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from app_server import monailabel_server
 from rest import copy_backbone, infer, nifti, organ_label, put_label, random_head_checkpoint
 from sdfsmis.config import load_config
-from sdfsmis.model import SDFSMIS
+from sdfsmis.models.sdfsmis import SDFSMIS
 from sdfsmis.synthetic import make_studies
 from sdfsmis.weights import WEIGHTS_NAME, load_weights
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from sdfsmis.config import load_config
 from sdfsmis.episodes import TrainingVolume
-from sdfsmis.model import SDFSMIS
+from sdfsmis.models.sdfsmis import SDFSMIS
 from sdfsmis.synthetic import make_volume, write_nifti
 from sdfsmis.trainer import dice
 

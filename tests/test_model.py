@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 
 from sdfsmis.attention import SQILayout, install_sqi
 from sdfsmis.backbone import BackboneNotFoundError, resolve_backbone
-from sdfsmis.model import SDFSMIS, widen_conv
+from sdfsmis.models.sdfsmis import SDFSMIS, widen_conv
 from sdfsmis.reference import install_kv_bank, set_bank_mode
 from sdfsmis.weights import CheckpointError, load_weights, save_weights
 

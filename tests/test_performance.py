@@ -16,7 +16,7 @@ import torch
 from sdfsmis.acceleration import InferenceOptions, accelerate
 from sdfsmis.bench import FENCE, agreement, make_inputs, our_inference, reference_inference, reference_subset
 from sdfsmis.inference import segment_slices
-from sdfsmis.model import SDFSMIS
+from sdfsmis.models.sdfsmis import SDFSMIS
 from sdfsmis.reference import kv_bank, released_training_step
 from sdfsmis.trainer import EpisodeLoss, make_optimizer, step_generator, train_step
 

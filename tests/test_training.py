@@ -98,7 +98,7 @@ def test_killed_training_resumes_from_last_complete_checkpoint(tiny_backbone, st
     assert 15 <= killed_at < 400
     # whatever moment the kill hit, `last` is a complete, loadable checkpoint
     from sdfsmis.config import load_config
-    from sdfsmis.model import SDFSMIS
+    from sdfsmis.models.sdfsmis import SDFSMIS
 
     model = SDFSMIS.from_backbone(tiny_backbone, load_config(backbone=tiny_backbone).model)
     assert load_weights(model, output / "last" / WEIGHTS_NAME)["iteration"] == killed_at

@@ -81,7 +81,7 @@ class InferenceOptions:
 
 
 def accelerate(model: torch.nn.Module, options: InferenceOptions) -> torch.nn.Module:
-    """Apply ``options`` to an :class:`~sdfsmis.model.SDFSMIS` in place, for inference."""
+    """Apply ``options`` to an :class:`~sdfsmis.models.sdfsmis.SDFSMIS` in place, for inference."""
     device = model.device
     if options.threads:
         torch.set_num_threads(options.threads)

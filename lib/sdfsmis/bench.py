@@ -36,7 +36,7 @@ from .acceleration import InferenceOptions, accelerate, retain_freed_memory
 from .backbone import build_backbone
 from .config import InferenceConfig, SDFSMISConfig, load_config
 from .inference import assign_supports, choose_support_slices, query_range, segment_slices
-from .model import SDFSMIS
+from .models.sdfsmis import SDFSMIS
 from .reference import kv_bank, released_segment_slice, released_training_step
 from .synthetic import make_studies, make_volume
 from .volume import SliceGrid, axial_slices, normalise_intensity

@@ -100,7 +100,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     from .acceleration import InferenceOptions, accelerate
     from .config import load_config
     from .inference import VolumeSegmenter, select_label_ids
-    from .model import SDFSMIS
+    from .models.sdfsmis import SDFSMIS
     from .volume import check_same_geometry, load_volume
 
     config = load_config(args.config, args.backbone)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .acceleration import InferenceOptions
 from .config import InferenceConfig
-from .model import SDFSMIS, SupportFeatures
+from .models.sdfsmis import SDFSMIS, SupportFeatures
 from .volume import SliceGrid, Volume, VolumeError, axial_slices, normalise_intensity
 
 

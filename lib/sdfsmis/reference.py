@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention
 
 from .attention import install_sqi
 from .episodes import Episode
-from .model import SDFSMIS
+from .models.sdfsmis import SDFSMIS
 from .query_enhancement import enhance_query, query_prototype
 
 

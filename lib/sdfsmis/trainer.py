@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .checkpoints import publish, read_state, resume, write_checkpoint
 from .config import SDFSMISConfig, TrainingConfig
 from .episodes import Episode, EpisodeSampler, NoEpisodes, TrainingVolume
-from .model import SDFSMIS
+from .models.sdfsmis import SDFSMIS
 from .volume import VolumeError
 from .weights import WEIGHTS_NAME, load_weights
 

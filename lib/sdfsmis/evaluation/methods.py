@@ -1,6 +1,6 @@
 """The methods the harness compares. Each wraps an object with the model's one-shot interface
 (``encode_support`` / ``segment``, ``config.resolution``, ``device``): SD-FSMIS itself
-(:class:`sdfsmis.model.SDFSMIS`) or a training-free baseline, plus the paper protocol's
+(:class:`sdfsmis.models.sdfsmis.SDFSMIS`) or a training-free baseline, plus the paper protocol's
 decision rule of that method."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class MethodFactory:
             raise ValueError(f"unknown method {key!r} (known: {', '.join(METHODS)})")
         checkpoint = checkpoint_for_fold(self.checkpoint, fold)
         if self._loaded is None or self._loaded[0] != checkpoint:
-            from ..model import SDFSMIS
+            from ..models.sdfsmis import SDFSMIS
 
             if self.backbone is None:
                 raise ValueError("method sdfsmis needs --backbone")

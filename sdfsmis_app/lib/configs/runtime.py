@@ -15,7 +15,7 @@ from sdfsmis.acceleration import InferenceOptions, accelerate
 from sdfsmis.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
 from sdfsmis.config import SDFSMISConfig, load_config
 from sdfsmis.inference import VolumeSegmenter
-from sdfsmis.model import SDFSMIS
+from sdfsmis.models.sdfsmis import SDFSMIS
 from sdfsmis.weights import WEIGHTS_NAME, load_weights
 
 from ..concurrency import InferenceGate

@@ -12,12 +12,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import Dinov2Model
 
-from .attention import SQILayout, SupportKVBank, install_sqi
-from .backbone import load_backbone, resolve_backbone
-from .codec import LatentCodec
-from .config import ModelConfig
-from .query_enhancement import enhance_query, query_prototype
-from .vtct import ConditionTranslator, dinov2_prototype
+from ..attention import SQILayout, SupportKVBank, install_sqi
+from ..backbone import load_backbone, resolve_backbone
+from ..codec import LatentCodec
+from ..config import ModelConfig
+from ..query_enhancement import enhance_query, query_prototype
+from ..vtct import ConditionTranslator, dinov2_prototype
 
 
 def widen_conv(conv: nn.Conv2d, init: str = "repeat_half") -> nn.Conv2d:

@@ -10,6 +10,7 @@ from diffusers import UNet2DConditionModel
 
 from sdfsmis.attention import SQILayout, install_sqi
 from sdfsmis.backbone import BackboneNotFoundError, resolve_backbone
+from sdfsmis.config import TrainingConfig
 from sdfsmis.models.sdfsmis import SDFSMIS, widen_conv
 from sdfsmis.reference import install_kv_bank, set_bank_mode
 from sdfsmis.weights import CheckpointError, load_weights, save_weights
@@ -115,7 +116,7 @@ def test_model_input_convs_are_initialised_from_pretrained(tiny_backbone, tiny_m
 
 def test_save_load_reproduces_prediction_bit_for_bit(tiny_backbone, tiny_config, tiny_model, tmp_path):
     with torch.no_grad():  # stand-in for fine-tuning: every trainable weight moves
-        for group in tiny_model.trainable_parameter_groups(1.0, 1.0):
+        for group in tiny_model.parameter_groups(TrainingConfig(lr_unet=1.0, lr_mlp=1.0)):
             for p in group["params"]:
                 p.add_(torch.randn_like(p) * 0.01)
     image, mask, query = _episode(tiny_config.model.resolution)
@@ -149,7 +150,7 @@ def test_training_step_reduces_loss_on_one_episode(tiny_model, tiny_config):
     image, mask, query = _episode(tiny_config.model.resolution, queries=1)
     query_mask = torch.roll(mask, 2, dims=-1)
     tiny_model.train()
-    optimiser = torch.optim.AdamW(tiny_model.trainable_parameter_groups(1e-3, 1e-3))
+    optimiser = torch.optim.AdamW(tiny_model.parameter_groups(TrainingConfig(lr_unet=1e-3, lr_mlp=1e-3)))
     losses = []
     for _ in range(15):
         loss = tiny_model.training_loss(image, mask, query, query_mask, torch.Generator().manual_seed(0))

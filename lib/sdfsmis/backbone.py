@@ -57,10 +57,11 @@ class BackboneSource:
         return self.vae[0] if self.local else f"hub: {self.unet[0]} + {self.dinov2[0]}"
 
 
-def missing_files(directory: Path) -> list[str]:
-    """Every required folder/file absent from a backbone directory, as relative paths."""
+def missing_files(directory: Path, parts: tuple[str, ...] = tuple(REQUIRED_FILES)) -> list[str]:
+    """Every required folder/file of ``parts`` absent from a backbone directory, as relative paths."""
     missing = []
-    for part, (config_name, weight_names) in REQUIRED_FILES.items():
+    for part in parts:
+        config_name, weight_names = REQUIRED_FILES[part]
         folder = directory / part
         if not folder.is_dir():
             missing.append(f"{part}/ (folder)")
@@ -72,20 +73,21 @@ def missing_files(directory: Path) -> list[str]:
     return missing
 
 
-def resolve_backbone(spec: str | Path | None) -> BackboneSource:
+def resolve_backbone(spec: str | Path | None, parts: tuple[str, ...] = tuple(REQUIRED_FILES)) -> BackboneSource:
     """``None``/``"default"``: hub ids (SD v1.5 + DINOv2-small); an existing directory: local,
-    checked file by file; anything else is an error that says what is missing and how to get it."""
+    checked file by file for the ``parts`` a method needs (DPL needs only ``dinov2``); anything
+    else is an error that says what is missing and how to get it."""
     if spec is None or str(spec) == DEFAULT_BACKBONE:
         return BackboneSource((SD15_HUB_ID, "vae"), (SD15_HUB_ID, "unet"), (DINOV2_HUB_ID, None), local=False)
     directory = Path(spec).expanduser()
     if not directory.is_dir():
         raise BackboneNotFoundError(f"backbone directory {directory} does not exist. {HOW_TO_GET}")
-    missing = missing_files(directory)
+    missing = missing_files(directory, parts)
     if missing:
         raise BackboneNotFoundError(
             f"backbone directory {directory} is incomplete, missing: {', '.join(missing)}. {HOW_TO_GET}"
         )
-    fp16_only = not (directory / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    fp16_only = "unet" in parts and not (directory / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     return BackboneSource(
         (str(directory / "vae"), None),
         (str(directory / "unet"), None),
@@ -122,14 +124,23 @@ def load_backbone(
             variant=source.variant,
             **_hub_kwargs(source, source.unet[1]),
         )
-        dinov2 = Dinov2Model.from_pretrained(
-            source.dinov2[0], dtype=dtype, use_safetensors=True, **_hub_kwargs(source, source.dinov2[1])
-        )
     except (OSError, ValueError) as error:
         raise BackboneNotFoundError(
             f"could not load the backbone ({source.description}): {error}. {HOW_TO_GET}"
         ) from error
-    return vae, unet, dinov2
+    return vae, unet, load_dinov2(source, dtype)
+
+
+def load_dinov2(source: BackboneSource, dtype: torch.dtype = torch.float32) -> Dinov2Model:
+    """DINOv2 alone (all that DPL needs), through the same checks and messages."""
+    try:
+        return Dinov2Model.from_pretrained(
+            source.dinov2[0], dtype=dtype, use_safetensors=True, **_hub_kwargs(source, source.dinov2[1])
+        )
+    except (OSError, ValueError) as error:
+        raise BackboneNotFoundError(
+            f"could not load DINOv2 of the backbone ({source.description}): {error}. {HOW_TO_GET}"
+        ) from error
 
 
 def build_backbone(shapes: dict, seed: int | None = None) -> tuple[AutoencoderKL, UNet2DConditionModel, Dinov2Model]:

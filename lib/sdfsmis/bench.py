@@ -295,7 +295,7 @@ def _time_our_training(model: SDFSMIS, sampler, config: SDFSMISConfig, args: arg
 
     def steps(iterations: range) -> torch.Tensor:
         losses = [
-            train_step(loss_module, optimizer, next(loader), step_generator(device, cfg.seed, i), cfg.grad_clip)
+            train_step(loss_module, optimizer, next(loader), step_generator(device, cfg.seed, i), cfg.grad_clip)["loss"]
             for i in iterations
         ]
         return torch.stack(losses).cpu()  # the one sync
@@ -336,9 +336,7 @@ def bench_training(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespa
     model.unet.disable_gradient_checkpointing()  # the K/V bank breaks under checkpointing
     gc.collect()
 
-    reference_optimizer = torch.optim.AdamW(
-        model.trainable_parameter_groups(cfg.lr_unet, cfg.lr_mlp), weight_decay=cfg.weight_decay, betas=cfg.betas
-    )
+    reference_optimizer = torch.optim.AdamW(model.parameter_groups(cfg), weight_decay=cfg.weight_decay, betas=cfg.betas)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with kv_bank(model.unet) as banks:

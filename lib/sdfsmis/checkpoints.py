@@ -5,7 +5,8 @@ Layout of a training output directory::
     OUT/checkpoints/iter_000050/{sdfsmis.safetensors, optimizer.pt, state.json}
     OUT/last -> checkpoints/iter_000050      (symlink, swapped atomically)
     OUT/best -> checkpoints/iter_000040      (best validation Dice)
-    OUT/sdfsmis.safetensors                   (the final weights: `--checkpoint OUT` uses them)
+    OUT/sdfsmis.safetensors                   (the final weights: `--checkpoint OUT` uses them;
+                                               dpl.safetensors for DPL)
 
 A checkpoint directory is complete before a link points to it, and a link is replaced with
 ``os.replace``, so a run killed at any moment leaves the previous checkpoint usable.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import WEIGHTS_NAME, load_weights, save_weights
+from .weights import load_weights, save_weights
 
 
 def _point(link: Path, target: Path) -> None:
@@ -43,7 +44,7 @@ def write_checkpoint(
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_weights(model, partial / WEIGHTS_NAME, metadata={"iteration": state["iteration"]})
+    save_weights(model, partial / model.weights_name, metadata={"iteration": state["iteration"]})
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     (partial / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
@@ -73,7 +74,7 @@ def resume(output: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
     state = read_state(output)
     if state is None:
         return None
-    load_weights(model, output / "last" / WEIGHTS_NAME)
+    load_weights(model, output / "last" / model.weights_name)
     optimizer.load_state_dict(torch.load(output / "last" / "optimizer.pt", map_location="cpu", weights_only=True))
     return state
 

@@ -1,6 +1,7 @@
-"""Episodic fine-tuning of SD-FSMIS on a site's own volumes: UNet + VTCT MLP trainable, VAE and
-DINOv2 frozen, AdamW with two learning rates, gradient clipping, periodic validation Dice,
-atomic checkpoints and exact resume (docs/model.md "Training").
+"""Episodic fine-tuning of a one-shot method (SD-FSMIS or DPL) on a site's own volumes: the
+method's trainable parts (SD-FSMIS: UNet + VTCT MLP; DPL: adapter, denoiser, threshold), frozen
+VAE and DINOv2, AdamW, gradient clipping, every loss term logged, periodic validation Dice,
+atomic checkpoints and exact resume (docs/model.md "Training", ../shared/docs/dpl.md).
 
 Speed: bf16 autocast and fused AdamW on CUDA, episodes prepared by DataLoader workers ahead of
 the step, and no host synchronisation except every 10 steps for logging. Under ``torchrun``
@@ -31,9 +32,9 @@ from tqdm.auto import tqdm
 from .checkpoints import publish, read_state, resume, write_checkpoint
 from .config import SDFSMISConfig, TrainingConfig
 from .episodes import Episode, EpisodeSampler, NoEpisodes, TrainingVolume
-from .models.sdfsmis import SDFSMIS
+from .models import OneShotModel, load_model
 from .volume import VolumeError
-from .weights import WEIGHTS_NAME, load_weights
+from .weights import load_weights
 
 IMAGE_PATTERNS = ("*.nii.gz", "*.nii")
 
@@ -65,10 +66,10 @@ def dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
     return 2 * intersection / total if total > 0 else 1.0
 
 
-def make_optimizer(model: SDFSMIS, cfg: TrainingConfig) -> torch.optim.AdamW:
+def make_optimizer(model: OneShotModel, cfg: TrainingConfig) -> torch.optim.AdamW:
     """AdamW over the trainable groups; the fused kernel on CUDA (one launch for all tensors)."""
     return torch.optim.AdamW(
-        model.trainable_parameter_groups(cfg.lr_unet, cfg.lr_mlp),
+        model.parameter_groups(cfg),
         weight_decay=cfg.weight_decay,
         betas=cfg.betas,
         eps=cfg.eps,
@@ -84,14 +85,14 @@ def training_autocast(device: torch.device) -> contextlib.AbstractContextManager
 class EpisodeLoss(torch.nn.Module):
     """The training loss as a module's forward, so that DDP can wrap it."""
 
-    def __init__(self, model: SDFSMIS):
+    def __init__(self, model: OneShotModel):
         super().__init__()
         self.model = model
 
-    def forward(self, episode: Episode, generator: torch.Generator) -> torch.Tensor:
+    def forward(self, episode: Episode, generator: torch.Generator) -> dict[str, torch.Tensor]:
         device = self.model.device
         tensors = (episode.support_image, episode.support_mask, episode.query_image, episode.query_mask)
-        return self.model.training_loss(*(t.to(device, non_blocking=True) for t in tensors), generator=generator)
+        return self.model.training_losses(*(t.to(device, non_blocking=True) for t in tensors), generator=generator)
 
 
 def train_step(
@@ -100,15 +101,16 @@ def train_step(
     episode: Episode,
     generator: torch.Generator,
     grad_clip: float,
-) -> torch.Tensor:
-    """One optimiser step; returns the detached loss without synchronising with the device."""
+) -> dict[str, torch.Tensor]:
+    """One optimiser step; returns the detached loss terms without synchronising with the device."""
     with training_autocast(generator.device):
-        loss = loss_module(episode, generator)
+        losses = loss_module(episode, generator)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses["loss"].backward()
     torch.nn.utils.clip_grad_norm_(loss_module.parameters(), grad_clip)
     optimizer.step()
-    return loss.detach()
+    getattr(loss_module, "module", loss_module).model.after_step()  # unwrap DDP
+    return {name: value.detach().float() for name, value in losses.items()}
 
 
 class EpisodeStream(Dataset):
@@ -171,6 +173,7 @@ class TrainingRun:
     progress: bool = True
     on_step: Callable[[dict], None] | None = None
     workers: int = 0  # DataLoader processes preparing episodes ahead of the step
+    method: str = "sdfsmis"  # or "dpl"
 
 
 class Trainer:
@@ -179,8 +182,8 @@ class Trainer:
         cfg = run.config.training
         self.rank, self.world, device = _init_distributed(run.device)
         torch.manual_seed(cfg.seed)
-        self.model = SDFSMIS.from_backbone(run.backbone, run.config.model, device=device)
-        if cfg.gradient_checkpointing:
+        self.model = load_model(run.method, run.backbone, run.config, device=device)
+        if cfg.gradient_checkpointing and hasattr(self.model, "unet"):
             self.model.unet.enable_gradient_checkpointing()
         self.optimizer = make_optimizer(self.model, cfg)
         self.loss = EpisodeLoss(self.model)
@@ -285,7 +288,7 @@ class Trainer:
         stream = EpisodeStream(self.sampler, run.batch_size, self.rank, self.world)
         loader = episode_loader(stream, start, run.iterations, run.workers, pin=device.type == "cuda")
         losses: list[float] = []
-        pending: list[torch.Tensor] = []
+        pending: list[dict[str, torch.Tensor]] = []
         started, done = time.perf_counter(), 0
         bar = tqdm(
             range(start, run.iterations),
@@ -300,21 +303,23 @@ class Trainer:
             step = iteration + 1
             is_checkpoint = step % cfg.checkpoint_every == 0 or step == run.iterations
             if step % 10 == 0 or is_checkpoint:  # the only host sync: logging
-                values = torch.stack(pending).float()
+                names = list(pending[0])
+                values = torch.stack([torch.stack([terms[n] for n in names]) for terms in pending])
                 if self.world > 1:  # the mean over ranks
                     dist.all_reduce(values)
                     values /= self.world
-                values = values.cpu().tolist()
-                losses.extend(values)
+                values = values.cpu().numpy()
+                losses.extend(values[:, 0].tolist())
                 pending.clear()
                 rate = done / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{np.mean(values):.4f}", it_s=f"{rate:.2f}")
+                terms = {name: float(values[:, i].mean()) for i, name in enumerate(names)}
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", it_s=f"{rate:.2f}")
                 if self.is_main:
-                    self._log({"iteration": step, "loss": float(np.mean(values)), "it_per_s": rate})
+                    self._log({"iteration": step, **terms, "it_per_s": rate})
             if is_checkpoint and self.is_main:
                 best = self._checkpoint(step, best)
         if self.is_main:
-            publish(run.output / "last" / WEIGHTS_NAME, run.output / WEIGHTS_NAME)
+            publish(run.output / "last" / self.model.weights_name, run.output / self.model.weights_name)
         if self.world > 1:
             dist.barrier()  # every rank returns with rank 0's checkpoint in place
         final = read_state(run.output) or {}
@@ -326,7 +331,8 @@ class Trainer:
             "world_size": self.world,
             "skipped": self.skipped,
             "final": final,
-            "checkpoint": str(run.output / WEIGHTS_NAME),
+            "method": run.method,
+            "checkpoint": str(run.output / self.model.weights_name),
         }
 
     def _checkpoint(self, step: int, best: float) -> float:

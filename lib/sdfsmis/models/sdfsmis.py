@@ -15,9 +15,10 @@ from transformers import Dinov2Model
 from ..attention import SQILayout, SupportKVBank, install_sqi
 from ..backbone import load_backbone, resolve_backbone
 from ..codec import LatentCodec
-from ..config import ModelConfig
+from ..config import ModelConfig, TrainingConfig
 from ..query_enhancement import enhance_query, query_prototype
 from ..vtct import ConditionTranslator, dinov2_prototype
+from .base import OneShotModel, Prediction
 
 
 def widen_conv(conv: nn.Conv2d, init: str = "repeat_half") -> nn.Conv2d:
@@ -49,7 +50,10 @@ class SupportFeatures:
     bank: SupportKVBank | None = None  # support K/V of every self-attention, once cached
 
 
-class SDFSMIS(nn.Module):
+class SDFSMIS(OneShotModel):
+    method = "sdfsmis"
+    weights_name = "sdfsmis.safetensors"
+
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, dinov2: Dinov2Model, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -80,7 +84,7 @@ class SDFSMIS(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> SDFSMIS:
         """Build from a backbone (directory or hub default) and optionally load our weights."""
-        from .weights import load_weights
+        from ..weights import load_weights
 
         model = cls(*load_backbone(resolve_backbone(backbone), dtype=dtype), config=config)
         if checkpoint is not None:
@@ -91,10 +95,17 @@ class SDFSMIS(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    def trainable_parameter_groups(self, lr_unet: float, lr_mlp: float) -> list[dict]:
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    def parameter_groups(self, training: TrainingConfig) -> list[dict]:
         """UNet with both input convs at one rate, the VTCT MLP at another; VAE/DINOv2 frozen."""
         unet = [*self.unet.parameters(), *self.conv_in.parameters(), *self.conv_in_ref.parameters()]
-        return [{"params": unet, "lr": lr_unet}, {"params": list(self.vtct.parameters()), "lr": lr_mlp}]
+        return [
+            {"params": unet, "lr": training.lr_unet},
+            {"params": list(self.vtct.parameters()), "lr": training.lr_mlp},
+        ]
 
     def condition_token(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         prototype = dinov2_prototype(self.dinov2, image, mask, self.config.vtct_image_size)
@@ -163,14 +174,20 @@ class SDFSMIS(nn.Module):
         ).sample
         return -out
 
-    @torch.no_grad()
-    def segment(
-        self, support: SupportFeatures, query_image: torch.Tensor, index: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def predict(self, support: SupportFeatures, query_image: torch.Tensor, index: torch.Tensor) -> Prediction:
         """Query slices [Q, 1, H, W] in [-1, 1] -> foreground probability [Q, 1, H, W] in [0, 1]."""
-        if index is None:
-            index = torch.zeros(query_image.shape[0], dtype=torch.long, device=query_image.device)
-        return self.codec.decode_probability(self.predict_x0(support, query_image, index))
+        return Prediction(self.codec.decode_probability(self.predict_x0(support, query_image, index)))
+
+    def training_losses(
+        self,
+        support_image: torch.Tensor,
+        support_mask: torch.Tensor,
+        query_image: torch.Tensor,
+        query_mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        loss = self.training_loss(support_image, support_mask, query_image, query_mask, generator)
+        return {"loss": loss}
 
     def training_loss(
         self,

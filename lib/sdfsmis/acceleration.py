@@ -81,12 +81,17 @@ class InferenceOptions:
 
 
 def accelerate(model: torch.nn.Module, options: InferenceOptions) -> torch.nn.Module:
-    """Apply ``options`` to an :class:`~sdfsmis.models.sdfsmis.SDFSMIS` in place, for inference."""
+    """Apply ``options`` to a one-shot model in place, for inference. The VAE and UNet settings
+    concern SD-FSMIS; DPL (DINOv2 + small MLPs) takes the threads, memory and compile options."""
     device = model.device
     if options.threads:
         torch.set_num_threads(options.threads)
     if options.retains_memory(device):
         retain_freed_memory()
+    if not hasattr(model, "codec"):
+        if options.compile:
+            model.dinov2.compile()
+        return model
     vae = model.codec.vae
     large = 4 * vae.config.block_out_channels[0] * model.config.resolution**2 >= LARGE_SLICE_BYTES
     on_cpu_large = device.type == "cpu" and large

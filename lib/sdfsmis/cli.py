@@ -15,6 +15,7 @@ from . import dicom_cli
 from .backbone import DEFAULT_BACKBONE, BackboneNotFoundError
 from .bench import add_bench_parser
 from .evaluation.cli import add_evaluation_commands
+from .models import METHODS
 
 
 def _device(name: str) -> str:
@@ -84,6 +85,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         exclude_classes=exclude,
         exclusion_rule=args.exclusion_rule,
         workers=args.workers,
+        method=args.method,
     )
     summary = train(run)
     if summary["world_size"] == 1 or os.environ.get("RANK") == "0":  # under torchrun: rank 0 reports
@@ -100,7 +102,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     from .acceleration import InferenceOptions, accelerate
     from .config import load_config
     from .inference import VolumeSegmenter, select_label_ids
-    from .models.sdfsmis import SDFSMIS
+    from .models import load_model
     from .volume import check_same_geometry, load_volume
 
     config = load_config(args.config, args.backbone)
@@ -112,13 +114,16 @@ def cmd_infer(args: argparse.Namespace) -> None:
     query = load_volume(args.image)
     labels = select_label_ids(support_label, [int(k) for k in args.labels.split(",")] if args.labels else None)
     if args.checkpoint is None:
+        trained_parts = "widened convs, VTCT MLP" if args.method == "sdfsmis" else "adapter, denoiser, threshold"
         print(
-            "WARNING: no --checkpoint: the SD-FSMIS head (widened convs, VTCT MLP) is untrained, "
-            "so this prediction is not meaningful. Train with `sdfsmis train` first.",
+            f"WARNING: no --checkpoint: the {args.method} head ({trained_parts}) is untrained, "
+            f"so this prediction is not meaningful. Train with `sdfsmis train --method {args.method}` first.",
             file=sys.stderr,
         )
+    if args.uncertainty and args.method != "dpl":
+        raise SystemExit(f"error: --uncertainty needs a method with variants (dpl), not {args.method}")
     started = time.perf_counter()
-    model = SDFSMIS.from_backbone(args.backbone, config.model, args.checkpoint, device=_device(args.device)).eval()
+    model = load_model(args.method, args.backbone, config, args.checkpoint, device=_device(args.device)).eval()
     options = InferenceOptions(precision=args.precision, compile=args.compile)
     accelerate(model, options)
     loaded = time.perf_counter() - started
@@ -126,7 +131,13 @@ def cmd_infer(args: argparse.Namespace) -> None:
         support_image, support_label, query, labels
     )
     query.save_label(result.labels, args.output)
-    summary = {"output": str(args.output), "model_load_seconds": round(loaded, 3), **result.summary()}
+    summary = {"output": str(args.output), "method": args.method, "model_load_seconds": round(loaded, 3)}
+    summary.update(result.summary())
+    if result.uncertainty is not None:
+        summary["confidence"] = {str(k): v for k, v in result.confidence(query).items()}
+        summary["review_slices"] = {str(k): v for k, v in result.review_slices(query).items()}
+    if args.uncertainty:
+        summary["uncertainty"] = str(query.save_map(result.uncertainty, args.uncertainty))
     print(json.dumps(summary, indent=2))
 
 
@@ -157,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     supervoxels.set_defaults(run=cmd_supervoxels)
 
     training = commands.add_parser("train", help="self-supervised episodic fine-tuning on supervoxels")
+    training.add_argument("--method", default="sdfsmis", choices=list(METHODS), help="the one-shot method")
     training.add_argument("--backbone", default=DEFAULT_BACKBONE)
     training.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
     training.add_argument("--images", required=True, help="a folder of NIfTI volumes or a glob")
@@ -187,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(run=cmd_download)
 
     infer = commands.add_parser("infer", help="one-shot segmentation of a NIfTI volume")
+    infer.add_argument("--method", default="sdfsmis", choices=list(METHODS), help="the one-shot method")
     infer.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone directory or 'default' (hub ids)")
     infer.add_argument("--checkpoint", default=None, help="our fine-tuned weights (file or directory)")
     infer.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
@@ -201,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA"
     )
     infer.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (GPU)")
+    infer.add_argument(
+        "--uncertainty",
+        type=Path,
+        default=None,
+        help="dpl: write the voxel uncertainty map (NIfTI) in the query's geometry",
+    )
     infer.set_defaults(run=cmd_infer)
 
     dicom_cli.register(commands)

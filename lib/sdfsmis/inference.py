@@ -1,6 +1,8 @@
-"""One-shot segmentation of a volume: pick support slices from an annotation, map the support
-z-range to the query, segment the query slices in batches with the support work done once,
-and return labels in the query's own geometry."""
+"""One-shot segmentation of a volume with any one-shot method (SD-FSMIS, DPL): pick support
+slices from an annotation, map the support z-range to the query, segment the query slices in
+batches with the support work done once, and return labels in the query's own geometry; a
+method that samples its support (DPL's K prototype variants) also gives a voxel uncertainty map
+and a per-slice confidence."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .acceleration import InferenceOptions
 from .config import InferenceConfig
-from .models.sdfsmis import SDFSMIS, SupportFeatures
+from .models import OneShotModel, Prediction
 from .volume import SliceGrid, Volume, VolumeError, axial_slices, normalise_intensity
 
 
@@ -23,6 +25,14 @@ class LabelReport:
     support_slices: list[int]
     query_slices: list[int]
     voxels: int = 0
+    confidence: list[float] | None = None  # per query slice, when the method gives uncertainty
+
+    def review_slices(self, count: int) -> list[int]:
+        """The ``count`` query slices of lowest confidence (below 1), lowest first."""
+        if self.confidence is None:
+            return []
+        order = sorted(range(len(self.query_slices)), key=lambda i: self.confidence[i])
+        return [self.query_slices[i] for i in order if self.confidence[i] < 1.0][:count]
 
 
 @dataclass
@@ -30,6 +40,24 @@ class SegmentationResult:
     labels: np.ndarray  # [X, Y, Z] in the query's RAS working orientation
     reports: dict[int, LabelReport] = field(default_factory=dict)
     seconds: float = 0.0
+    uncertainty: np.ndarray | None = None  # [X, Y, Z] variance of the variants' probabilities, max over labels
+
+    def confidence(self, query: Volume) -> dict[int, dict[int, float]]:
+        """Per label: {slice: confidence} with slices numbered as in the query's own file."""
+        return {
+            k: {query.original_slice(z): c for z, c in zip(r.query_slices, r.confidence)}
+            for k, r in self.reports.items()
+            if r.confidence is not None
+        }
+
+    def review_slices(self, query: Volume, count: int = 5) -> dict[int, list[int]]:
+        """Per label: the slices most worth reviewing (lowest confidence first), numbered as in
+        the query's own file; empty for a method without uncertainty."""
+        return {
+            k: [query.original_slice(z) for z in r.review_slices(count)]
+            for k, r in self.reports.items()
+            if r.confidence is not None
+        }
 
     @property
     def slices_segmented(self) -> int:
@@ -108,30 +136,61 @@ def select_label_ids(support_label: Volume, requested: list[int] | None = None) 
     return requested or present
 
 
+def variance_of_variants(prediction: Prediction) -> torch.Tensor | None:
+    """Voxel uncertainty [Q, 1, H, W]: the variance over the K variants' probabilities (0 for
+    K = 1 or identical variants); None for a method without variants."""
+    if prediction.variants is None:
+        return None
+    return prediction.variants.float().var(dim=1, keepdim=True, unbiased=False)
+
+
+def slice_confidence(prediction: Prediction, uncertainty: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per slice: 1 - 4 x the mean variance where the fused prediction or any variant says
+    foreground (a probability's variance is at most 1/4); 1 where none does."""
+    region = (prediction.probability >= threshold) | (prediction.variants >= threshold).any(dim=1, keepdim=True)
+    area = region.flatten(1).sum(dim=1)
+    mean = (uncertainty * region).flatten(1).sum(dim=1) / area.clamp_min(1)
+    return torch.where(area > 0, 1 - 4 * mean, torch.ones_like(mean))
+
+
 def segment_slices(
-    model: SDFSMIS,
-    support: SupportFeatures,
+    model: OneShotModel,
+    support,
     queries: torch.Tensor,
     index: torch.Tensor,
     batch_size: int,
     progress: bool = False,
-) -> torch.Tensor:
-    """Query slices [Q, 1, H, W] on the model's device -> probabilities [Q, 1, H, W] on the same
-    device, in batches that share the cached support; nothing goes back to the host per batch."""
+    threshold: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Query slices [Q, 1, H, W] on the model's device -> probabilities [Q, 1, H, W], and for a
+    method with variants the uncertainty [Q, 1, H, W] and per-slice confidence [Q], on the same
+    device, in batches that share the encoded support; nothing goes back to the host per batch."""
     starts = range(0, queries.shape[0], batch_size)
     bar = tqdm(starts, desc="query slices", unit="batch", disable=not progress or len(starts) < 2)
-    return torch.cat(
-        [model.segment(support, queries[s : s + batch_size], index[s : s + batch_size]).float() for s in bar]
-    )
+    probabilities, uncertainties, confidences = [], [], []
+    for s in bar:
+        prediction = model.predict(support, queries[s : s + batch_size], index[s : s + batch_size])
+        probabilities.append(prediction.probability.float())
+        uncertainty = variance_of_variants(prediction)
+        if uncertainty is not None:
+            uncertainties.append(uncertainty)
+            confidences.append(slice_confidence(prediction, uncertainty, threshold))
+    if not uncertainties:
+        return torch.cat(probabilities), None, None
+    return torch.cat(probabilities), torch.cat(uncertainties), torch.cat(confidences)
 
 
 class VolumeSegmenter:
-    """Runs an :class:`SDFSMIS` model over volumes. ``options`` gives the autocast precision
-    (bf16 on CUDA by default); the model itself is prepared with
-    :func:`~sdfsmis.acceleration.accelerate` where it is loaded."""
+    """Runs a one-shot model (:class:`~sdfsmis.models.base.OneShotModel`) over volumes.
+    ``options`` gives the autocast precision (bf16 on CUDA by default); the model itself is
+    prepared with :func:`~sdfsmis.acceleration.accelerate` where it is loaded."""
 
     def __init__(
-        self, model: SDFSMIS, config: InferenceConfig, progress: bool = True, options: InferenceOptions | None = None
+        self,
+        model: OneShotModel,
+        config: InferenceConfig,
+        progress: bool = True,
+        options: InferenceOptions | None = None,
     ):
         self.model = model
         self.config = config
@@ -140,7 +199,7 @@ class VolumeSegmenter:
 
     @property
     def resolution(self) -> int:
-        return self.model.config.resolution
+        return self.model.resolution
 
     def _model_slices(self, data: np.ndarray, indices, grid: SliceGrid, mode: str = "bilinear") -> torch.Tensor:
         pad = -1.0 if mode == "bilinear" else 0.0
@@ -148,7 +207,7 @@ class VolumeSegmenter:
 
     def _segment_label(
         self, support_image: np.ndarray, support_mask: np.ndarray, query_image: np.ndarray, same_volume: bool
-    ) -> tuple[np.ndarray, LabelReport]:
+    ) -> tuple[np.ndarray, np.ndarray | None, LabelReport]:
         annotated = np.flatnonzero(support_mask.any(axis=(0, 1)))
         support_z = choose_support_slices(annotated, self.config.max_supports)
         depth = query_image.shape[2]
@@ -170,10 +229,19 @@ class VolumeSegmenter:
         queries = self._model_slices(query_image, query_z, grid)  # one upload for the whole stack
         with torch.inference_mode(), self.options.autocast(self.model.device):
             support = self.model.encode_support(self._model_slices(support_image, support_z, support_grid), mask)
-            prob = segment_slices(self.model, support, queries, index, self.config.batch_size, self.progress)
-        probability = np.zeros(query_image.shape, dtype=np.float32)
-        probability[..., query_z] = np.moveaxis(grid.from_model(prob).cpu().numpy()[:, 0], 0, -1)  # one download
-        return probability, LabelReport(support_slices=support_z, query_slices=[int(z) for z in query_z])
+            prob, spread, confidence = segment_slices(
+                self.model, support, queries, index, self.config.batch_size, self.progress, self.config.threshold
+            )
+
+        def volume_of(slices: torch.Tensor) -> np.ndarray:
+            array = np.zeros(query_image.shape, dtype=np.float32)
+            array[..., query_z] = np.moveaxis(grid.from_model(slices).cpu().numpy()[:, 0], 0, -1)  # one download
+            return array
+
+        report = LabelReport(support_slices=support_z, query_slices=[int(z) for z in query_z])
+        if confidence is not None:
+            report.confidence = [round(float(c), 4) for c in confidence.cpu()]
+        return volume_of(prob), None if spread is None else volume_of(spread), report
 
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
@@ -193,7 +261,7 @@ class VolumeSegmenter:
         result = SegmentationResult(labels)
         for label_id in label_ids:
             drawn = support_label.data == label_id
-            probability, report = self._segment_label(support_data, drawn, query_data, same_volume)
+            probability, uncertainty, report = self._segment_label(support_data, drawn, query_data, same_volume)
             mask = probability >= self.config.threshold
             if self.config.largest_component:
                 mask = keep_consistent_components(mask, drawn if same_volume else None)
@@ -201,6 +269,15 @@ class VolumeSegmenter:
                 annotated = drawn.any(axis=(0, 1))
                 mask[..., annotated] = drawn[..., annotated]
                 probability[drawn] = 1.0
+                if uncertainty is not None:  # drawn slices are certain
+                    uncertainty[..., annotated] = 0.0
+                    report.confidence = [
+                        1.0 if annotated[z] else c for z, c in zip(report.query_slices, report.confidence)
+                    ]
+            if uncertainty is not None:
+                result.uncertainty = (
+                    uncertainty if result.uncertainty is None else np.maximum(result.uncertainty, uncertainty)
+                )
             win = mask & (probability > best)
             labels[win] = label_id
             best[win] = probability[win]

@@ -50,6 +50,24 @@ class Volume:
         back = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), orientations.io_orientation(self.affine))
         return orientations.apply_orientation(array, back)
 
+    def original_slice(self, z: int) -> int:
+        """The index, along the original file's own slice axis, of RAS axial slice ``z``."""
+        ornt = orientations.io_orientation(self.affine)
+        axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+        return int(z) if ornt[axis, 1] > 0 else self.shape[axis] - 1 - int(z)
+
+    def save_map(self, array: np.ndarray, path: str | Path) -> Path:
+        """Write a float map (RAS working orientation), e.g. an uncertainty, as float32 NIfTI
+        with the original shape, voxel order and affine."""
+        if not str(path).endswith((".nii.gz", ".nii")):
+            raise VolumeError(f"cannot write a map as {Path(path).name}: use .nii.gz or .nii")
+        header = self.header.copy()
+        header.set_data_dtype(np.float32)
+        image = nib.Nifti1Image(self.to_original(array).astype(np.float32), self.affine, header)
+        image.header.set_slope_inter(1, 0)
+        nib.save(image, str(path))
+        return Path(path)
+
     def save_label(self, array: np.ndarray, path: str | Path) -> Path:
         """Write a label array (RAS working orientation) with the original shape, voxel order and
         affine, as NIfTI or as raw NRRD (what OHIF reads, straight into its volume's voxel order)."""

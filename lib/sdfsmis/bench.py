@@ -36,6 +36,7 @@ from .acceleration import InferenceOptions, accelerate, retain_freed_memory
 from .backbone import build_backbone
 from .config import InferenceConfig, SDFSMISConfig, load_config
 from .inference import assign_supports, choose_support_slices, query_range, segment_slices
+from .models.base import OneShotModel
 from .models.sdfsmis import SDFSMIS
 from .reference import kv_bank, released_segment_slice, released_training_step
 from .synthetic import make_studies, make_volume
@@ -159,21 +160,24 @@ def reference_inference(
 
 
 def our_inference(
-    model: SDFSMIS, inputs: BenchInputs, batch_size: int, options: InferenceOptions
+    model: OneShotModel, inputs: BenchInputs, batch_size: int, options: InferenceOptions
 ) -> tuple[Timing, Timing, torch.Tensor]:
-    """(time for the supports, time for all query slices, probabilities on the host)."""
+    """(time for the supports, time for all query slices, probabilities on the host), as
+    :class:`~sdfsmis.inference.VolumeSegmenter` runs a model: for a method with variants (DPL)
+    the query time includes their uncertainty and per-slice confidence, downloaded with the
+    probabilities."""
     device = model.device
+
+    def queries() -> list[torch.Tensor | None]:
+        outputs = segment_slices(model, support, inputs.queries.to(device), inputs.index.to(device), batch_size)
+        return [None if output is None else output.cpu() for output in outputs]
+
     with torch.inference_mode(), options.autocast(device):
         support_s, support = _timed(
             lambda: model.encode_support(inputs.support_images.to(device), inputs.support_masks.to(device)), device
         )
-        query_s, probability = _timed(
-            lambda: segment_slices(
-                model, support, inputs.queries.to(device), inputs.index.to(device), batch_size
-            ).cpu(),
-            device,
-        )
-    return support_s, query_s, probability
+        query_s, outputs = _timed(queries, device)
+    return support_s, query_s, outputs[0]
 
 
 def agreement(reference: torch.Tensor, ours: torch.Tensor, threshold: float, fence: float) -> dict:

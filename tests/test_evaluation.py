@@ -14,7 +14,6 @@ import torch
 from sdfsmis.cli import main
 from sdfsmis.config import InferenceConfig
 from sdfsmis.episodes import TrainingVolume
-from sdfsmis.evaluation.baselines import BaselineConfig
 from sdfsmis.evaluation.dataset import PreparedDataset
 from sdfsmis.evaluation.harness import Evaluator
 from sdfsmis.evaluation.lookalike import write_chaos
@@ -22,6 +21,7 @@ from sdfsmis.evaluation.methods import Method
 from sdfsmis.evaluation.metrics import score_volume, summarise
 from sdfsmis.evaluation.prepare import prepare
 from sdfsmis.evaluation.protocol import chunk_index, make_folds, support_slices, training_selection
+from sdfsmis.models.base import Prediction
 from sdfsmis.volume import load_volume
 
 
@@ -107,14 +107,14 @@ class CopySupport:
     """A method that answers every query slice with the support mask it was given: what it
     returns shows which support slice the protocol paired with which query slice."""
 
-    config = BaselineConfig(256)
+    resolution = 256
     device = torch.device("cpu")
 
     def encode_support(self, image, mask):
         return mask
 
-    def segment(self, support, query, index):
-        return support[index]
+    def predict(self, support, query, index):
+        return Prediction(support[index])
 
 
 def test_paper_protocol_pairs_chunk_k_with_support_k(chaos):
@@ -197,11 +197,11 @@ class FailsOnOneCase(CopySupport):
     def __init__(self, bad_slices: int):
         self.bad_slices, self.calls = bad_slices, 0
 
-    def segment(self, support, query, index):
+    def predict(self, support, query, index):
         self.calls += 1
         if query.shape[0] == self.bad_slices:
             raise RuntimeError("All samples map outside moving image buffer\nmore ITK text")
-        return support[index]
+        return Prediction(support[index])
 
 
 def test_a_method_failing_on_one_volume_is_recorded_and_the_run_goes_on(chaos, tmp_path):

@@ -1,6 +1,7 @@
-"""Training-free reference methods with the model's one-shot interface (``encode_support`` /
-``segment`` on [N, 1, R, R] slices in [-1, 1], ``config.resolution``, ``device``), so that the
-protocol harness and :class:`sdfsmis.inference.VolumeSegmenter` run them exactly like SD-FSMIS.
+"""Training-free reference methods with the one-shot interface of
+:class:`sdfsmis.models.base.OneShotModel` (``encode_support``, ``predict`` -> ``Prediction``,
+``segment`` on [N, 1, R, R] slices in [-1, 1], ``resolution``, ``device``), so that the protocol
+harness and :class:`sdfsmis.inference.VolumeSegmenter` run them exactly like SD-FSMIS and DPL.
 
 - :class:`PrototypeMatcher`: PANet / ALPNet-style prototype matching on handcrafted intensity
   features (no learned features): a floor for every table.
@@ -16,10 +17,26 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from ..models.base import Prediction
 
-@dataclass
-class BaselineConfig:
-    resolution: int = 256
+
+class TrainingFree:
+    """What the baselines share with :class:`~sdfsmis.models.base.OneShotModel` without being
+    torch modules: ``resolution``, a CPU ``device``, and ``segment`` = ``predict(...).probability``
+    with support row 0 by default. Subclasses implement ``encode_support`` and ``predict``."""
+
+    title: str
+    resolution: int
+    device = torch.device("cpu")
+
+    def predict(self, support, query_image: torch.Tensor, index: torch.Tensor) -> Prediction:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def segment(self, support, query_image: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        if index is None:
+            index = torch.zeros(query_image.shape[0], dtype=torch.long)
+        return self.predict(support, query_image, index).probability
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -53,7 +70,7 @@ class _Prototypes:
     background: torch.Tensor  # [B, C] unit vectors
 
 
-class PrototypeMatcher:
+class PrototypeMatcher(TrainingFree):
     """Prototype matching (PANet's masked average pooling, cosine similarity scaled by 20) with
     ALPNet's adaptive local prototypes (windows of R/8 that are >= 95 % one class), on
     :func:`intensity_features` standardised with the support slice's statistics."""
@@ -61,8 +78,7 @@ class PrototypeMatcher:
     title = "prototype matcher (PANet-style, intensity features, training-free)"
 
     def __init__(self, resolution: int = 256, window: int | None = None, scaler: float = 20.0, purity: float = 0.95):
-        self.config = BaselineConfig(resolution)
-        self.device = torch.device("cpu")
+        self.resolution = resolution
         self.window = window or max(2, resolution // 8)
         self.scaler = scaler
         self.purity = purity
@@ -92,14 +108,14 @@ class PrototypeMatcher:
         return (similarity.softmax(dim=0) * similarity).sum(dim=0)  # ALPNet: soft max over prototypes
 
     @torch.no_grad()
-    def segment(self, support: list[_Prototypes], query: torch.Tensor, index: torch.Tensor | None = None):
-        index = torch.zeros(len(query), dtype=torch.long) if index is None else index.cpu()
+    def predict(self, support: list[_Prototypes], query: torch.Tensor, index: torch.Tensor) -> Prediction:
+        index = index.cpu()
         out = torch.empty(query.shape[0], 1, *query.shape[2:])
         for i, feats in enumerate(intensity_features(query.float())):
             p = support[int(index[i])]
             z = F.normalize((feats - p.mean[:, None, None]) / p.std[:, None, None], dim=0)
             out[i, 0] = torch.sigmoid(self._score(z, p.foreground) - self._score(z, p.background))
-        return out
+        return Prediction(out.to(query.device))
 
 
 def _last_line(error: Exception) -> str:
@@ -107,7 +123,7 @@ def _last_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-class RegistrationPropagation:
+class RegistrationPropagation(TrainingFree):
     """Label propagation by registration: per query slice, the support slice (moving) is aligned
     to the query (fixed) with an affine then a B-spline transform (Mattes mutual information,
     multi-resolution), and the support mask is warped with the same transform (linear, so the
@@ -116,8 +132,7 @@ class RegistrationPropagation:
     title = "SimpleITK B-spline registration (affine + B-spline, training-free)"
 
     def __init__(self, resolution: int = 128, mesh: int = 6, iterations: int = 30, seed: int = 0, threads: int = 1):
-        self.config = BaselineConfig(resolution)
-        self.device = torch.device("cpu")
+        self.resolution = resolution
         self.mesh, self.iterations, self.seed, self.threads = mesh, iterations, seed, threads
         self.fallbacks: list[str] = []  # stages that failed and what was kept instead
 
@@ -170,8 +185,8 @@ class RegistrationPropagation:
         return sitk.CompositeTransform([affine, bspline])  # B-spline applied first, then the affine
 
     @torch.no_grad()
-    def segment(self, support, query: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        index = torch.zeros(len(query), dtype=torch.long) if index is None else index.cpu()
+    def predict(self, support, query: torch.Tensor, index: torch.Tensor) -> Prediction:
+        index = index.cpu()
         out = torch.empty(query.shape[0], 1, *query.shape[2:])
         for i, q in enumerate(query):
             fixed = sitk.GetImageFromArray(q[0].float().cpu().numpy())
@@ -179,4 +194,4 @@ class RegistrationPropagation:
             transform = self.register(fixed, moving)
             warped = sitk.Resample(mask, fixed, transform, sitk.sitkLinear, 0.0)
             out[i, 0] = torch.from_numpy(sitk.GetArrayFromImage(warped)).clamp(0, 1)
-        return out
+        return Prediction(out.to(query.device))

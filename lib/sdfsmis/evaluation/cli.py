@@ -38,24 +38,33 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ..config import load_config
     from .dataset import PreparedDataset
     from .harness import Evaluator
-    from .methods import MethodFactory
+    from .methods import DPL_VARIANTS, METHODS, MethodFactory
     from .metrics import summarise
     from .report import write_reports
 
     dataset = PreparedDataset.load(args.data)
     if args.method:
         methods = [m for text in args.method for m in text.split(",")]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"error: unknown method {', '.join(unknown)} (known: {', '.join(METHODS)})")
     else:
-        methods = (["sdfsmis"] if args.backbone else []) + ["prototype", "registration"]
-    config = load_config(args.config, args.backbone if "sdfsmis" in methods else None)
+        methods = (["sdfsmis"] if args.backbone else []) + (["dpl"] if args.backbone and args.dpl_checkpoint else [])
+        methods += ["prototype", "registration"]
+    models = {"sdfsmis", *DPL_VARIANTS}
+    config = load_config(args.config, args.backbone if models & set(methods) else None)
     factory = MethodFactory(
         args.backbone, args.checkpoint, config, _device(args.device), args.prototype_resolution,
-        args.registration_resolution,
+        args.registration_resolution, args.dpl_checkpoint,
     )  # fmt: skip
     started = time.perf_counter()
     evaluator = Evaluator(dataset, config.inference, args.protocol)
-    run_key = {k: str(getattr(args, k)) for k in ("backbone", "checkpoint", "config", "setting", "device")}
-    run_key.update(prototype=args.prototype_resolution, registration=args.registration_resolution)
+    shared = {k: str(getattr(args, k)) for k in ("backbone", "checkpoint", "config", "setting", "device")}
+    shared.update(prototype=args.prototype_resolution, registration=args.registration_resolution)
+
+    def run_key(key: str) -> dict:  # --dpl-checkpoint defines only the DPL rows
+        return {**shared, "dpl_checkpoint": str(args.dpl_checkpoint)} if key in DPL_VARIANTS else shared
+
     done = Path(args.output) / "finished"  # a restarted run reuses the (fold, method) results kept here
     labels = _ids(args.labels)
     records, folds = evaluator.run(methods, factory, args.folds, labels, args.support_index, done=done, run_key=run_key)
@@ -97,11 +106,24 @@ def add_evaluation_commands(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="few-shot evaluation over folds (paper or realistic protocol)")
     evaluate.add_argument("--data", required=True, type=Path, help="a prepared data set (sdfsmis prepare)")
     evaluate.add_argument(
-        "--method", action="append", default=None, help="sdfsmis,prototype,registration (default: all that can run)"
+        "--method",
+        action="append",
+        default=None,
+        help="comma-separated, of sdfsmis, dpl, dpl-lambda0, dpl-untrained-denoiser, dpl-no-condition, prototype, "
+        "registration (default: all that can run)",
     )
-    evaluate.add_argument("--backbone", default=None, help="backbone directory or 'default' (method sdfsmis)")
+    evaluate.add_argument("--backbone", default=None, help="backbone directory or 'default' (sdfsmis, dpl*)")
     evaluate.add_argument(
-        "--checkpoint", default=None, help="weights of every fold: one path, or a pattern with {fold} (CKPT/fold{fold})"
+        "--checkpoint",
+        default=None,
+        help="SD-FSMIS weights of every fold: one path, or a pattern with {fold} "
+        "(CKPT/fold{fold}/sdfsmis.safetensors); a folder holds each method's own file (sdfsmis/dpl.safetensors)",
+    )
+    evaluate.add_argument(
+        "--dpl-checkpoint",
+        default=None,
+        help="DPL weights of every fold (dpl and its ablations), like --checkpoint (CKPT/fold{fold}/dpl.safetensors "
+        "or a folder); default: the folder --checkpoint names, if it names one",
     )
     evaluate.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
     evaluate.add_argument("--setting", type=int, default=1, choices=[1, 2], help="the setting the checkpoints used")

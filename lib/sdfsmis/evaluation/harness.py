@@ -6,13 +6,16 @@ protocol (RPT EP1) or the realistic one, and score every query volume.
   scores over those slices only. This gives the method the organ's z-range for free.
 - realistic: the product path (:class:`sdfsmis.inference.VolumeSegmenter`): the same supports,
   the whole query volume handed over, the method finds the organ's extent itself (z-range mapped
-  from the support, absolute threshold, 3-D consistency); 3-D scores over the whole volume.
+  from the support, absolute threshold, 3-D consistency); 3-D scores over the whole volume. For
+  a method with a per-slice confidence (DPL), each segmented slice's Dice and confidence are
+  kept too (``slice_dice``, ``slice_confidence``), for the uncertainty check.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,16 @@ def paper_decision(probability: np.ndarray, index: np.ndarray, method: Method) -
     return largest_component_per_slice(prediction) if method.largest_per_slice else prediction
 
 
+def slice_dice(prediction: np.ndarray, truth: np.ndarray, slices: list[int]) -> list[float | None]:
+    """2-D Dice of each axial slice [X, Y, Z] in ``slices``; None where both are empty."""
+    scores = []
+    for z in slices:
+        p, t = prediction[..., z], truth[..., z]
+        total = int(p.sum()) + int(t.sum())
+        scores.append(None if total == 0 else 2.0 * float((p & t).sum()) / total)
+    return scores
+
+
 @dataclass
 class Case:
     name: str
@@ -74,7 +87,7 @@ class Evaluator:
         self.dataset, self.inference, self.protocol = dataset, inference, protocol
 
     def _slices(self, method: Method, data: np.ndarray, z, pad: float = -1.0) -> torch.Tensor:
-        grid = SliceGrid(*data.shape[:2], method.model.config.resolution)
+        grid = SliceGrid(*data.shape[:2], method.model.resolution)
         return grid.to_model(axial_slices(data, z), pad_value=pad).to(method.model.device)
 
     def paper(self, method: Method, query: Case, label_id: int, encoded) -> dict | None:
@@ -84,14 +97,15 @@ class Evaluator:
             return None
         features, support_z, support_seconds = encoded
         index = chunk_index(len(z), len(support_z))
-        grid = SliceGrid(*query.image.data.shape[:2], method.model.config.resolution)
+        grid = SliceGrid(*query.image.data.shape[:2], method.model.resolution)
         probability = np.zeros((*query.image.data.shape[:2], len(z)), dtype=np.float32)
         started = time.perf_counter()
         with torch.inference_mode():
             for start in range(0, len(z), self.inference.batch_size):
                 part = slice(start, start + self.inference.batch_size)
                 index_part = torch.from_numpy(index[part]).to(method.model.device)
-                prob = method.model.segment(features, self._slices(method, query.normalised, z[part]), index_part)
+                queries = self._slices(method, query.normalised, z[part])
+                prob = method.model.predict(features, queries, index_part).probability
                 probability[..., part] = np.moveaxis(grid.from_model(prob.float()).cpu().numpy()[:, 0], 0, -1)
         seconds = time.perf_counter() - started
         prediction = paper_decision(probability, index, method)
@@ -126,13 +140,18 @@ class Evaluator:
         with torch.inference_mode():
             result = segmenter.segment(support.image, support.label, query.image, [label_id])
         report = result.reports[label_id]
-        return {
-            **score_volume(result.labels == label_id, query.label.data == label_id, ras_spacing(query.image)),
+        prediction, truth = result.labels == label_id, query.label.data == label_id
+        scores = {
+            **score_volume(prediction, truth, ras_spacing(query.image)),
             "slices": int(query.image.data.shape[2]),
             "seconds": result.seconds,
             "support_slices": report.support_slices,
             "query_slices": [min(report.query_slices), max(report.query_slices)],
         }
+        if report.confidence is not None:  # one value per slice of query_slices (a contiguous range)
+            scores["slice_dice"] = slice_dice(prediction, truth, report.query_slices)
+            scores["slice_confidence"] = list(report.confidence)
+        return scores
 
     def _fold_records(self, method: Method, key: str, fold, support: Case, queries: list[Case], labels, log):
         """One method's records on one fold; a failure on a (volume, class) is a record with the reason."""
@@ -185,11 +204,12 @@ class Evaluator:
         support_index: int = 0,
         log=print,
         done: Path | None = None,
-        run_key: dict | None = None,
+        run_key: dict | Callable[[str], dict] | None = None,
     ) -> tuple[list[dict], list[dict]]:
         """Every (fold, method, class, query volume) record, and the fold definitions. With ``done``
         (a folder), each finished (fold, method) is kept there and not recomputed on a restart of the
-        same run (``run_key``: what else defines it, e.g. the checkpoint)."""
+        same run (``run_key``: what else defines it, e.g. the checkpoint; or a function of the
+        method's key giving that, so that an option one method uses does not redo the others)."""
         labels = labels or self.dataset.test_labels
         clip = self.inference.clip_percentiles
         records, fold_info = [], []
@@ -197,7 +217,8 @@ class Evaluator:
             fold_info.append({"fold": fold.index, "cases": fold.cases, "support": fold.support})
             support, queries = None, None
             for key in methods:
-                identity = {"protocol": self.protocol, "labels": list(labels), **fold_info[-1], **(run_key or {})}
+                extra = run_key(key) if callable(run_key) else run_key or {}
+                identity = {"protocol": self.protocol, "labels": list(labels), **fold_info[-1], **extra}
                 kept = done / f"fold{fold.index}_{key}.json" if done else None
                 if kept and kept.is_file() and (saved := json.loads(kept.read_text()))["identity"] == identity:
                     log(f"fold {fold.index} {key}: finished in an earlier run ({kept})")

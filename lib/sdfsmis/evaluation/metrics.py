@@ -1,6 +1,7 @@
 """Per-volume scores (MONAI metrics, distances in mm) and their aggregation the way the protocol
 reports them: class Dice = mean of per-volume Dice over the query volumes of a fold (never Dice
-pooled over the voxels of all volumes, the released code's defect), then the mean over folds."""
+pooled over the voxels of all volumes, the released code's defect), then the mean over folds.
+For a method with a per-slice confidence: how well its uncertainty ranks the slices' errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
+from scipy.stats import spearmanr
 
 _DICE = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
 _HD95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
@@ -34,11 +36,43 @@ def _finite_mean(values: list[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+def _spearman(uncertainty: list[float], error: list[float]) -> dict:
+    """Spearman's rank correlation (scipy), None where it is undefined (under 3 slices, or a
+    constant side)."""
+    rho, p_value = None, None
+    if len(error) >= 3 and np.ptp(uncertainty) > 0 and np.ptp(error) > 0:
+        result = spearmanr(uncertainty, error)
+        rho, p_value = float(result.statistic), float(result.pvalue)
+    return {"spearman": rho, "p_value": p_value, "slices": len(error)}
+
+
+def uncertainty_correlation(records: list[dict]) -> dict | None:
+    """Per class and over all classes: Spearman's rho between a slice's uncertainty (1 - its
+    confidence) and its error (1 - its 2-D Dice), over the segmented query slices of every query
+    volume and fold (realistic protocol). Slices where both the prediction and the truth are empty
+    are left out (no Dice). Positive: the less confident slices are the worse ones. None for
+    records without per-slice confidence."""
+    pairs: dict = defaultdict(lambda: ([], []))
+    for r in records:
+        if r.get("failed") or r.get("slice_confidence") is None:
+            continue
+        for dice, confidence in zip(r["slice_dice"], r["slice_confidence"]):
+            if dice is not None:
+                for key in (r["organ"], None):
+                    pairs[key][0].append(1.0 - confidence)
+                    pairs[key][1].append(1.0 - dice)
+    if not pairs:
+        return None
+    classes = {organ: _spearman(*pair) for organ, pair in pairs.items() if organ is not None}
+    return {"classes": classes, "all": _spearman(*pairs[None])}
+
+
 def summarise(records: list[dict]) -> dict:
     """``records``: one dict per (method, fold, query volume, class) with ``dice``, ``hd95``,
     ``assd``, ``seconds`` and ``slices``. Returns, per method and class, the mean over folds of
     the per-fold mean over volumes, the per-fold values, and the mean over classes. A record with
-    ``failed`` (the method raised on that volume and class) is counted in ``failed``, never scored."""
+    ``failed`` (the method raised on that volume and class) is counted in ``failed``, never scored.
+    Records with per-slice confidence add ``uncertainty`` (:func:`uncertainty_correlation`)."""
     grouped: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     timing: dict = defaultdict(lambda: [0.0, 0])
     failed: dict = defaultdict(lambda: defaultdict(int))
@@ -71,4 +105,7 @@ def summarise(records: list[dict]) -> dict:
         }
         seconds, slices = timing[method]
         summary[method] = {"classes": classes, "mean": mean, "seconds_per_slice": seconds / max(slices, 1)}
+        correlation = uncertainty_correlation([r for r in records if r["method"] == method])
+        if correlation is not None:
+            summary[method]["uncertainty"] = correlation
     return summary

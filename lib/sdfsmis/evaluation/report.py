@@ -55,7 +55,24 @@ def markdown_table(summary: dict, titles: dict[str, str], heading: str) -> str:
         if failed:
             where = ", ".join(f"{n} {organ}" for organ, n in failed.items())
             notes.append(f"{titles[key]}: FAILED on {where} (not scored; reasons in results.json / per_volume.csv).")
+        if result.get("uncertainty"):
+            notes.append(f"{titles[key]}: {uncertainty_line(result['uncertainty'], organs)}")
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+
+
+def uncertainty_line(correlation: dict, organs: list[str]) -> str:
+    """The uncertainty check in words: Spearman's rho per class and over all classes."""
+    parts = [
+        f"{organ.replace('_', ' ')} {_fmt(correlation['classes'][organ]['spearman'])}"
+        for organ in organs
+        if organ in correlation["classes"]
+    ]
+    everything = correlation["all"]
+    return (
+        "uncertainty (1 - slice confidence) vs slice error (1 - 2-D Dice), Spearman rho over the segmented "
+        f"query slices (both empty left out): {', '.join(parts)}; all classes {_fmt(everything['spearman'])} "
+        f"({everything['slices']} slices)."
+    )
 
 
 def write_reports(output: Path, run: dict, folds: list[dict], summary: dict, records: list[dict], heading: str):

@@ -9,11 +9,18 @@ support image and mask, DINOv2 token, support UNet pass into a K/V bank, encode 
 query UNet pass, decode; batch 1, fp32, the result copied to the host slice by slice. Ours
 encodes each support once (its K/V cached), runs the query slices in batches under the device's
 :class:`~sdfsmis.acceleration.InferenceOptions` and copies the result back once.
+
+``--method dpl`` times the second method, DPL (``models/dpl.py``), against SD-FSMIS (ours, as
+above) in one run, on the same query slices and supports at the same resolution: seconds per
+slice of each with its support encoding amortised over the query slices, DPL's speed-up, a check
+that the timed DPL masks are the model's own slice-by-slice ``segment``, and with ``--train``
+DPL's training iterations per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -37,6 +44,7 @@ from .backbone import build_backbone
 from .config import InferenceConfig, SDFSMISConfig, load_config
 from .inference import assign_supports, choose_support_slices, query_range, segment_slices
 from .models.base import OneShotModel
+from .models.dpl import DPL
 from .models.sdfsmis import SDFSMIS
 from .reference import kv_bank, released_segment_slice, released_training_step
 from .synthetic import make_studies, make_volume
@@ -286,12 +294,14 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
-def _time_our_training(model: SDFSMIS, sampler, config: SDFSMISConfig, args: argparse.Namespace) -> tuple[float, float]:
+def _time_our_training(
+    model: OneShotModel, sampler, config: SDFSMISConfig, args: argparse.Namespace
+) -> tuple[float, float]:
     """Seconds for ``--train-steps`` of our steps after warm-up, and the peak memory in GB."""
     from .trainer import EpisodeLoss, EpisodeStream, episode_loader, make_optimizer, step_generator, train_step
 
     device, cfg = model.device, config.training
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing and hasattr(model, "unet"):
         model.unet.enable_gradient_checkpointing()
     optimizer, loss_module = make_optimizer(model, cfg), EpisodeLoss(model)
     total = args.warmup_steps + args.train_steps
@@ -311,18 +321,11 @@ def _time_our_training(model: SDFSMIS, sampler, config: SDFSMISConfig, args: arg
     return timing.wall, _peak_memory_gb(device)
 
 
-def bench_training(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespace) -> dict:
-    """Iterations per second of our training step and of the released one, batch 1, same episodes.
-
-    Ours: :func:`~sdfsmis.trainer.train_step` (bf16 autocast and fused AdamW on CUDA, support and
-    query in one UNet batch, episodes from DataLoader workers, no host sync per step). Reference:
-    :func:`~sdfsmis.reference.released_training_step` (fp32, two UNet passes through the K/V bank,
-    stock AdamW, the episode prepared in the loop, ``loss.item()`` every step).
-    """
+def training_sampler(config: SDFSMISConfig):
+    """Supervoxel episodes from two generated studies at the model resolution."""
     from .episodes import EpisodeSampler, TrainingVolume
-    from .trainer import step_generator
 
-    device, cfg = model.device, config.training
+    cfg = config.training
     with tempfile.TemporaryDirectory() as folder:
         images = make_studies(Path(folder), 2, seed=100)
         volumes = [
@@ -331,7 +334,21 @@ def bench_training(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespa
             )
             for p in images
         ]
-    sampler = EpisodeSampler(volumes, cfg.seed, cfg.min_foreground)
+    return EpisodeSampler(volumes, cfg.seed, cfg.min_foreground)
+
+
+def bench_training(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespace) -> dict:
+    """Iterations per second of our training step and of the released one, batch 1, same episodes.
+
+    Ours: :func:`~sdfsmis.trainer.train_step` (bf16 autocast and fused AdamW on CUDA, support and
+    query in one UNet batch, episodes from DataLoader workers, no host sync per step). Reference:
+    :func:`~sdfsmis.reference.released_training_step` (fp32, two UNet passes through the K/V bank,
+    stock AdamW, the episode prepared in the loop, ``loss.item()`` every step).
+    """
+    from .trainer import step_generator
+
+    device, cfg = model.device, config.training
+    sampler = training_sampler(config)
     total = args.warmup_steps + args.train_steps
     model.train()
 
@@ -368,18 +385,22 @@ def bench_training(model: SDFSMIS, config: SDFSMISConfig, args: argparse.Namespa
     return result
 
 
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, as ``lscpu`` shows it)."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"cpu: {name}, {torch.get_num_threads()} threads"
+    return name
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -427,6 +448,226 @@ def run_bench(args: argparse.Namespace) -> dict:
         model, config = build_model(args, device)  # fresh weights, no inference options applied
         result.update(bench_training(model, config, args))
     return result
+
+
+#: Issue 14's targets for DPL, at the DINOv2-small shape, 256 px slices, K = 8, on 2 CPU cores.
+DPL_TARGET_S_PER_SLICE = 0.5
+DPL_TARGET_SPEEDUP = 20.0
+
+
+def build_dpl(args: argparse.Namespace, config: SDFSMISConfig, sdfsmis: SDFSMIS, device: torch.device) -> DPL:
+    """DPL beside the benchmarked SD-FSMIS, at its resolution: with ``--backbone`` the backbone's
+    DINOv2 (+ our DPL weights: ``--dpl-checkpoint``, or a ``--checkpoint`` folder holding them),
+    otherwise a copy of the random DINOv2 of ``--shape`` and a random head seeded with 0."""
+    if args.variants is not None:
+        config.dpl.variants = args.variants
+    if args.dpl_image_size is not None:
+        config.dpl.image_size = args.dpl_image_size
+    patch = sdfsmis.dinov2.config.patch_size
+    if config.dpl.variants < 1 or config.dpl.image_size < patch or config.dpl.image_size % patch:
+        raise ValueError(
+            f"DPL needs --variants >= 1 and a --dpl-image-size that is a multiple of DINOv2's patch ({patch}), "
+            f"not K = {config.dpl.variants}, image size {config.dpl.image_size}"
+        )
+    resolution = config.model.resolution
+    if args.backbone:
+        checkpoint = args.dpl_checkpoint
+        if checkpoint is None and args.checkpoint and (Path(args.checkpoint) / DPL.weights_name).is_file():
+            checkpoint = args.checkpoint
+        args.dpl_checkpoint = checkpoint
+        return DPL.from_backbone(args.backbone, config.dpl, resolution, checkpoint, device).eval()
+    torch.manual_seed(0)
+    return DPL(copy.deepcopy(sdfsmis.dinov2), config.dpl, resolution).to(device).eval()
+
+
+def bench_dpl_inference(
+    sdfsmis: SDFSMIS, dpl: DPL, config: SDFSMISConfig, args: argparse.Namespace, options: InferenceOptions
+) -> dict:
+    """DPL and SD-FSMIS (our accelerated pipeline) on the same query slices and supports, repeats
+    interleaved (SD-FSMIS, DPL, SD-FSMIS, DPL ...) so that both see the same load; seconds per
+    slice include each method's support encoding, amortised over the query slices. DPL's timed
+    (batched) probabilities are checked against the model's own ``segment`` slice by slice."""
+    device = dpl.device
+    inputs = make_inputs(config.model.resolution, args.slices, args.supports)
+    warm = inputs if args.compile else make_inputs(config.model.resolution, min(args.batch_size, args.slices), 1)
+    for model in (sdfsmis, dpl):
+        accelerate(model, options)
+    for _ in range(args.warmup):
+        for model in (sdfsmis, dpl):
+            our_inference(model, warm, args.batch_size, options)
+    runs: dict[str, list] = {"sdfsmis": [], "dpl": []}
+    for _ in range(args.repeats):
+        runs["sdfsmis"].append(our_inference(sdfsmis, inputs, args.batch_size, options))
+        runs["dpl"].append(our_inference(dpl, inputs, args.batch_size, options))
+
+    result: dict = {}
+    for name, method_runs in runs.items():
+        totals = [(support + query).wall for support, query, _ in method_runs]
+        median = totals.index(statistics.median_low(totals))
+        result[f"{name}_s_per_slice"] = round(statistics.median(totals) / args.slices, 5)
+        result[f"{name}_support_s"] = round(method_runs[median][0].wall, 4)
+        result[f"{name}_query_s_per_slice"] = round(method_runs[median][1].wall / args.slices, 5)
+        if device.type == "cpu":
+            cpu = statistics.median((support + query).cpu for support, query, _ in method_runs)
+            result[f"{name}_cpu_s_per_slice"] = round(cpu / args.slices, 5)
+    result["dpl_speedup"] = round(result["sdfsmis_s_per_slice"] / result["dpl_s_per_slice"], 3)
+    if device.type == "cpu":
+        result["dpl_speedup_cpu_time"] = round(result["sdfsmis_cpu_s_per_slice"] / result["dpl_cpu_s_per_slice"], 3)
+
+    timed = runs["dpl"][0][2]
+    with torch.inference_mode(), options.autocast(device):
+        support = dpl.encode_support(inputs.support_images.to(device), inputs.support_masks.to(device))
+        direct = torch.cat(
+            [
+                dpl.segment(support, inputs.queries[i : i + 1].to(device), inputs.index[i : i + 1].to(device)).float()
+                for i in range(args.slices)
+            ]
+        ).cpu()
+    check = agreement(direct, timed, config.inference.threshold, FENCE[options.resolved_precision(device)])
+    threshold = config.inference.threshold
+    result.update(
+        supports_used=int(inputs.support_images.shape[0]),
+        dpl_masks_agree=check["masks_agree"],
+        dpl_mask_dice_vs_direct=check["mask_dice"],
+        dpl_max_probability_difference_vs_direct=check["max_probability_difference"],
+        dpl_foreground_fraction=round(float((timed >= threshold).float().mean()), 6),
+        dpl_probability_mean_per_slice=[round(float(v), 6) for v in timed.mean(dim=(1, 2, 3))],
+        sdfsmis_foreground_fraction=round(float((runs["sdfsmis"][0][2] >= threshold).float().mean()), 6),
+    )
+    return result
+
+
+def bench_dpl_training(model: DPL, config: SDFSMISConfig, args: argparse.Namespace) -> dict:
+    """Iterations per second of DPL's training step (:func:`~sdfsmis.trainer.train_step`, batch 1,
+    episodes from DataLoader workers, as ``sdfsmis train --method dpl`` runs it)."""
+    model.train()
+    seconds, peak = _time_our_training(model, training_sampler(config), config, args)
+    return {
+        "dpl_it_per_s": round(args.train_steps / seconds, 4),
+        "dpl_train_peak_memory_gb": round(peak, 3),
+        "peak_memory_kind": "cuda max allocated" if model.device.type == "cuda" else "process max RSS",
+        "train_steps": args.train_steps,
+        "workers": args.workers,
+    }
+
+
+def run_dpl_bench(args: argparse.Namespace) -> dict:
+    """``sdfsmis bench --method dpl``: DPL against SD-FSMIS in one run, on the same inputs."""
+    if args.scaling:
+        raise ValueError("--scaling times SD-FSMIS alone: run it without --method dpl")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    switch = {"auto": None, "on": True, "off": False}
+    options = InferenceOptions(
+        args.precision,
+        switch[args.channels_last],
+        args.compile,
+        args.vae_batch,
+        args.threads,
+        switch[args.retain_memory],
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    retain_memory = options.retains_memory(device) and retain_freed_memory()  # process-wide: both methods
+    sdfsmis, config = build_model(args, device)
+    dpl = build_dpl(args, config, sdfsmis, device)
+    args.batch_size = args.batch_size or config.inference.batch_size
+    patch = dpl.dinov2.config.patch_size
+    result = {
+        "method": "dpl",
+        "date": datetime.date.today().isoformat(),
+        "device": device_description(device),
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "shape": "backbone: " + str(args.backbone) if args.backbone else args.shape,
+        "dpl_checkpoint": None if args.dpl_checkpoint is None else str(args.dpl_checkpoint),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "resolution": config.model.resolution,
+        "variants": config.dpl.variants,
+        "image_size": config.dpl.image_size,
+        "patch_grid": config.dpl.image_size // patch,
+        "dinov2_hidden_size": dpl.dinov2.config.hidden_size,
+        "slices": args.slices,
+        "supports": args.supports,
+        "batch_size": args.batch_size,
+        "precision": options.resolved_precision(device),
+        "compile": options.compile,
+        "retain_freed_memory": retain_memory,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+    result.update(bench_dpl_inference(sdfsmis, dpl, config, args, options))
+    applies = (
+        device.type == "cpu"
+        and result["threads"] == 2
+        and result["resolution"] == 256
+        and result["variants"] == 8
+        and result["dinov2_hidden_size"] == 384  # DINOv2-small
+    )
+    result["targets"] = {
+        "dpl_s_per_slice_max": DPL_TARGET_S_PER_SLICE,
+        "dpl_speedup_min": DPL_TARGET_SPEEDUP,
+        "apply": applies,  # the targets are set for this configuration (2 CPU cores, 256 px, K 8)
+        "dpl_s_per_slice_met": result["dpl_s_per_slice"] <= DPL_TARGET_S_PER_SLICE,
+        "dpl_speedup_met": result["dpl_speedup"] >= DPL_TARGET_SPEEDUP,
+    }
+    if args.train:
+        del sdfsmis, dpl
+        gc.collect()
+        sdfsmis, config = build_model(args, device)
+        dpl = build_dpl(args, config, sdfsmis, device)  # fresh random head, no inference options applied
+        del sdfsmis
+        gc.collect()
+        result.update(bench_dpl_training(dpl, config, args))
+    return result
+
+
+def format_dpl_table(result: dict) -> str:
+    targets = result["targets"]
+
+    def verdict(met: bool) -> str:
+        return ("met" if met else "NOT met") + (
+            "" if targets["apply"] else " (targets are for 2 CPU threads, 256 px, K 8)"
+        )
+
+    rows = [
+        ("device", result["device"]),
+        ("shape / resolution", f"{result['shape']} / {result['resolution']}"),
+        ("query slices / supports / batch", f"{result['slices']} / {result['supports']} / {result['batch_size']}"),
+        ("DPL K / DINOv2 input (grid)", f"{result['variants']} / {result['image_size']} ({result['patch_grid']}^2)"),
+        ("precision", result["precision"]),
+        ("SD-FSMIS s/slice", f"{result['sdfsmis_s_per_slice']:.4f}"),
+        ("  of which supports, once", f"{result['sdfsmis_support_s']:.4f} s"),
+        ("DPL s/slice", f"{result['dpl_s_per_slice']:.4f}"),
+        ("  of which supports, once", f"{result['dpl_support_s']:.4f} s"),
+        ("DPL speed-up", f"{result['dpl_speedup']:.2f}x"),
+    ]
+    if "dpl_speedup_cpu_time" in result:
+        rows.append(
+            (
+                "CPU seconds/slice SD-FSMIS / DPL",
+                f"{result['sdfsmis_cpu_s_per_slice']:.4f} / {result['dpl_cpu_s_per_slice']:.4f} "
+                f"({result['dpl_speedup_cpu_time']:.2f}x)",
+            )
+        )
+    rows += [
+        (f"target DPL <= {targets['dpl_s_per_slice_max']} s/slice", verdict(targets["dpl_s_per_slice_met"])),
+        (f"target speed-up >= {targets['dpl_speedup_min']:.0f}x", verdict(targets["dpl_speedup_met"])),
+        (
+            "DPL masks = model.segment",
+            f"{result['dpl_masks_agree']} (Dice {result['dpl_mask_dice_vs_direct']:.4f}, "
+            f"foreground {result['dpl_foreground_fraction']:.3f})",
+        ),
+    ]
+    if "dpl_it_per_s" in result:
+        rows += [
+            ("train DPL it/s", f"{result['dpl_it_per_s']:.4f}"),
+            ("peak memory", f"{result['dpl_train_peak_memory_gb']:.2f} GB ({result['peak_memory_kind']})"),
+        ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def format_table(result: dict) -> str:
@@ -480,19 +721,36 @@ def _ints(text: str) -> list[int]:
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
-    result = run_bench(args)
-    print(format_table(result))
+    if args.method == "dpl":
+        result = run_dpl_bench(args)
+        print(format_dpl_table(result))
+    else:
+        result = run_bench(args)
+        print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"written to {args.json}", file=sys.stderr)
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="time our inference/training against the released pipeline")
+    bench = commands.add_parser(
+        "bench", help="time our inference/training against the released pipeline, or DPL against SD-FSMIS"
+    )
+    bench.add_argument(
+        "--method",
+        default="sdfsmis",
+        choices=["sdfsmis", "dpl"],
+        help="sdfsmis: ours against the released pipeline; dpl: DPL against SD-FSMIS on the same inputs",
+    )
     source = bench.add_mutually_exclusive_group()
     source.add_argument("--backbone", default=None, help="a backbone directory (default: a random --shape)")
     source.add_argument("--shape", default="tiny", choices=["tiny", "sd15"], help="random weights of this shape")
     bench.add_argument("--checkpoint", default=None, help="our weights, with --backbone")
+    bench.add_argument(
+        "--dpl-checkpoint", default=None, help="DPL weights, with --backbone (default: --checkpoint's folder's)"
+    )
+    bench.add_argument("--variants", type=int, default=None, help="DPL's K (default: the preset's)")
+    bench.add_argument("--dpl-image-size", type=int, default=None, help="DPL's DINOv2 input (default: the preset's)")
     bench.add_argument("--config", default=None, help="preset name or YAML path, with --backbone")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--slices", type=int, default=90, help="query slices")

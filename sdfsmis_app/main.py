@@ -1,7 +1,8 @@
-"""MONAI Label app serving SD-FSMIS one-shot segmentation (infer and train task ``sdfsmis``).
+"""MONAI Label app serving one-shot segmentation by two methods through one pipeline: SD-FSMIS
+(infer and train task ``sdfsmis``) and DPL (``dpl``, the one a site without a GPU runs).
 
     monailabel start_server --app sdfsmis_app --studies STUDIES --host 127.0.0.1 \
-        --conf backbone models/sd15 [--conf device cuda] [--conf checkpoint PATH]
+        --conf backbone models/sd15 [--conf device cuda] [--conf checkpoint PATH] [--conf dpl_checkpoint PATH]
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class SDFSMISApp(MONAILabelApp):
         self.gate = InferenceGate(
             self.settings.max_concurrent_infers, self.settings.max_queued_infers, self.settings.infer_queue_timeout_s
         )
-        self.runtime = lib.configs.ModelRuntime(self.settings, self.gate)
+        self.runtimes = {
+            method: lib.configs.ModelRuntime(self.settings, self.gate, method) for method in ("sdfsmis", "dpl")
+        }
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -48,7 +51,8 @@ class SDFSMISApp(MONAILabelApp):
             "segmentation. Research annotation assistant; not for clinical use (CreativeML OpenRAIL-M).",
             version=__version__,
         )
-        logger.info(f"sdfsmis model status: {self.runtime.status()}")
+        for method, runtime in self.runtimes.items():
+            logger.info(f"{method} model status: {runtime.status()}")
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):  # a DICOMweb PACS (OHIF's path)
@@ -74,8 +78,9 @@ class SDFSMISApp(MONAILabelApp):
 
     def info(self):
         info = super().info()
-        if "sdfsmis" in info["models"]:
-            info["models"]["sdfsmis"]["sdfsmis"]["inferences"] = self.gate.status()
+        for method in self.runtimes:
+            if method in info["models"]:
+                info["models"][method][method]["inferences"] = self.gate.status()
         return info
 
     def infer(self, request, datastore=None):
@@ -87,10 +92,10 @@ class SDFSMISApp(MONAILabelApp):
             return super().infer(request, datastore)
 
     def init_infers(self) -> dict:
-        return {"sdfsmis": lib.infers.SDFSMISInfer(self.runtime, self.datastore())}
+        return {method: lib.infers.OneShotInfer(runtime, self.datastore()) for method, runtime in self.runtimes.items()}
 
     def init_trainers(self) -> dict:
-        return {"sdfsmis": lib.trainers.SDFSMISTrain(self.runtime)}
+        return {method: lib.trainers.OneShotTrain(runtime) for method, runtime in self.runtimes.items()}
 
     def batch_infer(self, request, datastore=None):
         # MONAI Label spreads batch requests over all GPUs by default: none on a CPU server

@@ -24,10 +24,12 @@ class Prediction:
 
 class OneShotModel(nn.Module):
     """Base of the one-shot methods. Subclasses set ``method`` (the CLI's and the app's name),
-    ``weights_name`` (their safetensors file) and implement the abstract methods."""
+    ``weights_name`` (their safetensors file), ``backbone_parts`` and implement the abstract
+    methods."""
 
     method: str
     weights_name: str
+    backbone_parts: tuple[str, ...]  # the backbone folders it loads (vae, unet, dinov2)
     resolution: int
 
     @property

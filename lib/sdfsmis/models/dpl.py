@@ -115,6 +115,7 @@ class PrototypeSupport:
 class DPL(OneShotModel):
     method = "dpl"
     weights_name = "dpl.safetensors"
+    backbone_parts = ("dinov2",)
 
     def __init__(self, dinov2: Dinov2Model, config: DPLConfig, resolution: int):
         super().__init__()
@@ -143,7 +144,7 @@ class DPL(OneShotModel):
         """Build from a backbone's DINOv2 (the only part DPL needs) and optionally load our weights."""
         from ..weights import load_weights
 
-        model = cls(load_dinov2(resolve_backbone(backbone, parts=("dinov2",)), dtype=dtype), config, resolution)
+        model = cls(load_dinov2(resolve_backbone(backbone, parts=cls.backbone_parts), dtype=dtype), config, resolution)
         if checkpoint is not None:
             load_weights(model, checkpoint)
         return model.to(device)

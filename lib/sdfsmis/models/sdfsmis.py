@@ -53,6 +53,7 @@ class SupportFeatures:
 class SDFSMIS(OneShotModel):
     method = "sdfsmis"
     weights_name = "sdfsmis.safetensors"
+    backbone_parts = ("vae", "unet", "dinov2")
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, dinov2: Dinov2Model, config: ModelConfig):
         super().__init__()

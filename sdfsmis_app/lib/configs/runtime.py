@@ -1,6 +1,6 @@
-"""The app's one SD-FSMIS model: settings from ``--conf``, a status that needs no loading,
-lazy loading on first use, and pick-up of a newly published checkpoint without a restart that
-never swaps weights under an inference in flight."""
+"""The app's models, one runtime per one-shot method (SD-FSMIS, DPL): settings from ``--conf``, a
+status that needs no loading, lazy loading on first use, and pick-up of a newly published
+checkpoint without a restart that never swaps weights under an inference in flight."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from sdfsmis.acceleration import InferenceOptions, accelerate
 from sdfsmis.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
 from sdfsmis.config import SDFSMISConfig, load_config
 from sdfsmis.inference import VolumeSegmenter
-from sdfsmis.models.sdfsmis import SDFSMIS
-from sdfsmis.weights import WEIGHTS_NAME, load_weights
+from sdfsmis.models import OneShotModel, load_model, method_class
+from sdfsmis.weights import load_weights
 
 from ..concurrency import InferenceGate
 
@@ -32,7 +32,8 @@ class AppSettings:
     backbone: str
     device: str
     model_dir: Path
-    checkpoint: Path
+    checkpoint: Path  # SD-FSMIS's served weights
+    dpl_checkpoint: Path  # DPL's served weights
     allow_untrained: bool
     preset: str | None
     modalities: list[str]  # DICOMweb mode: the modalities of the image series served
@@ -50,12 +51,17 @@ class AppSettings:
             backbone=conf.get("backbone", DEFAULT_BACKBONE),
             device=device,
             model_dir=model_dir,
-            checkpoint=Path(conf.get("checkpoint") or model_dir / WEIGHTS_NAME),
+            checkpoint=Path(conf.get("checkpoint") or model_dir / method_class("sdfsmis").weights_name),
+            dpl_checkpoint=Path(conf.get("dpl_checkpoint") or model_dir / method_class("dpl").weights_name),
             allow_untrained=str(conf.get("allow_untrained", "false")).lower() in TRUE,
             preset=conf.get("preset"),
             modalities=str(conf.get("modalities", "CT,MR")).split(","),
             **{key: kind(conf[key]) for key, kind in _LIMITS.items() if conf.get(key) not in (None, "")},
         )
+
+    def checkpoint_of(self, method: str) -> Path:
+        """Where a method's served weights are (each method publishes its own file)."""
+        return {"sdfsmis": self.checkpoint, "dpl": self.dpl_checkpoint}[method]
 
 
 _LIMITS = {
@@ -74,12 +80,18 @@ def _hub_cached() -> bool:
     return all(isinstance(try_to_load_from_cache(repo, name), str) for repo, name in files)
 
 
+TITLES = {"sdfsmis": "SD-FSMIS", "dpl": "DPL"}
+
+
 class ModelRuntime:
-    def __init__(self, settings: AppSettings, gate: InferenceGate):
+    def __init__(self, settings: AppSettings, gate: InferenceGate, method: str = "sdfsmis"):
         self.settings = settings
-        self.gate = gate  # admits every inference: its count of running ones guards weight swaps
+        self.method = method
+        self.title = TITLES[method]
+        self.checkpoint = settings.checkpoint_of(method)
+        self.gate = gate  # admits every inference (all methods): its count of running ones guards weight swaps
         self._lock = threading.Lock()
-        self._model: SDFSMIS | None = None
+        self._model: OneShotModel | None = None
         self._loaded_checkpoint: tuple[int, int] | None = None  # (mtime_ns, size)
 
     @property
@@ -89,7 +101,7 @@ class ModelRuntime:
 
     def _checkpoint_stamp(self) -> tuple[int, int] | None:
         try:
-            stat = self.settings.checkpoint.stat()
+            stat = self.checkpoint.stat()
         except FileNotFoundError:
             return None
         return stat.st_mtime_ns, stat.st_size
@@ -98,7 +110,7 @@ class ModelRuntime:
         """Raise :class:`ModelUnavailable` unless the model can serve (no weights are loaded)."""
         spec = self.settings.backbone
         try:
-            resolve_backbone(spec)
+            resolve_backbone(spec, method_class(self.method).backbone_parts)
         except FileNotFoundError as error:
             raise ModelUnavailable(str(error)) from error
         if spec == DEFAULT_BACKBONE and os.environ.get("HF_HUB_OFFLINE") == "1" and not _hub_cached():
@@ -106,11 +118,12 @@ class ModelRuntime:
                 f"backbone 'default' (hub ids) is not in the local cache and HF_HUB_OFFLINE=1. {HOW_TO_GET}"
             )
         if self._checkpoint_stamp() is None and not self.settings.allow_untrained:
+            conf_key = "checkpoint" if self.method == "sdfsmis" else f"{self.method}_checkpoint"
             raise ModelUnavailable(
-                f"no fine-tuned SD-FSMIS checkpoint at {self.settings.checkpoint}: the SD-FSMIS head is untrained "
-                "and is not served. Fix: run the train task (POST /train/sdfsmis, or 'Train' in Slicer), or put a "
-                "checkpoint from `sdfsmis train` there (`--conf checkpoint PATH`); `--conf allow_untrained true` "
-                "serves the untrained head for demos, every result flagged untrained."
+                f"no fine-tuned {self.title} checkpoint at {self.checkpoint}: the {self.title} head is untrained "
+                f"and is not served. Fix: run the train task (POST /train/{self.method}, or 'Train' in Slicer), or "
+                f"put a checkpoint from `sdfsmis train --method {self.method}` there (`--conf {conf_key} PATH`); "
+                "`--conf allow_untrained true` serves the untrained head for demos, every result flagged untrained."
             )
 
     def status(self) -> dict:
@@ -123,7 +136,8 @@ class ModelRuntime:
             "available": available,
             "reason": reason,
             "backbone": str(self.settings.backbone),
-            "checkpoint": str(self.settings.checkpoint),
+            "method": self.method,
+            "checkpoint": str(self.checkpoint),
             "trained": self._checkpoint_stamp() is not None,
             "device": self.settings.device,
             "loaded": self._model is not None,
@@ -136,7 +150,7 @@ class ModelRuntime:
             config = self.config
             if self._model is None:
                 try:
-                    model = SDFSMIS.from_backbone(self.settings.backbone, config.model, device=self.settings.device)
+                    model = load_model(self.method, self.settings.backbone, config, device=self.settings.device)
                 except Exception as error:  # noqa: BLE001 - corrupt files raise many types; none can serve
                     raise ModelUnavailable(f"backbone {self.settings.backbone} cannot be loaded: {error}") from error
                 self._model = accelerate(model.eval(), InferenceOptions())  # the measured defaults per device
@@ -144,6 +158,6 @@ class ModelRuntime:
             # safe to swap: no other inference uses the model, or none can have (untrained is never served)
             safe = self.gate.running <= 1 or (self._loaded_checkpoint is None and not self.settings.allow_untrained)
             if stamp is not None and stamp != self._loaded_checkpoint and safe:
-                load_weights(self._model, self.settings.checkpoint)
+                load_weights(self._model, self.checkpoint)
                 self._loaded_checkpoint = stamp
             return VolumeSegmenter(self._model, config.inference, progress=False), self._loaded_checkpoint is not None

@@ -1,3 +1,3 @@
-from .sdfsmis import SDFSMISInfer
+from .one_shot import OneShotInfer
 
-__all__ = ["SDFSMISInfer"]
+__all__ = ["OneShotInfer"]

@@ -1,5 +1,6 @@
-"""The ``sdfsmis`` infer task: one-shot segmentation of the requested image with the support
-resolved from the request or the datastore; labels keep the support's ids and names."""
+"""The infer tasks ``sdfsmis`` and ``dpl``: one-shot segmentation of the requested image with the
+support resolved from the request or the datastore, by either method through the same rules;
+labels keep the support's ids and names. DPL's results also say how confident each slice is."""
 
 from __future__ import annotations
 
@@ -19,14 +20,24 @@ from .support import resolve_support, support_label_ids
 logger = logging.getLogger(__name__)
 
 
-class SDFSMISInfer(InferTask):
+DESCRIPTIONS = {
+    "sdfsmis": "One-shot segmentation (SD-FSMIS, Stable Diffusion v1.5): the structures of a submitted or uploaded "
+    "label are segmented in the rest of the volume or in another patient's volume",
+    "dpl": "One-shot segmentation (DPL, diffusion-enhanced prototypes on DINOv2; fast on CPU): the structures of a "
+    "submitted or uploaded label are segmented in the rest of the volume or in another patient's volume, with a "
+    "per-slice confidence and the slices most worth reviewing",
+}
+#: Slices listed for review per label (lowest confidence first).
+REVIEW_SLICES = 5
+
+
+class OneShotInfer(InferTask):
     def __init__(self, runtime: ModelRuntime, datastore: Datastore):
         super().__init__(
             type=InferType.SEGMENTATION,  # one of the types OHIF's MONAI Label panel lists
             labels=None,  # labels come from the support of each request
             dimension=3,
-            description="One-shot segmentation (SD-FSMIS): the structures of a submitted or uploaded label are "
-            "segmented in the rest of the volume or in another patient's volume",
+            description=DESCRIPTIONS[runtime.method],
             config={"support": "", "labels": ""},
         )
         self.runtime = runtime
@@ -37,7 +48,8 @@ class SDFSMISInfer(InferTask):
 
     def info(self) -> dict:
         # OHIF builds its segment list from the model's labels when it connects
-        return {**super().info(), "labels": support_label_ids(self.datastore), "sdfsmis": self.runtime.status()}
+        status = self.runtime.status()
+        return {**super().info(), "labels": support_label_ids(self.datastore), self.runtime.method: status}
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         with http_errors():
@@ -65,11 +77,19 @@ class SDFSMISInfer(InferTask):
             "support": support.describe(),
             "voxels": {names[k]: r.voxels for k, r in result.reports.items()},
             "support_slices": summary["support_slices"],
+            "method": self.runtime.method,
             "trained": trained,
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_per_slice": summary["seconds_per_slice"],
         }
+        if result.uncertainty is not None:  # per label, slices numbered as in the returned image
+            confidence = result.confidence(query)
+            response["confidence"] = {names[k]: confidence[k] for k in confidence}
+            review = result.review_slices(query, REVIEW_SLICES)
+            response["review_slices"] = {names[k]: review[k] for k in review}
         if not trained:
-            response["warning"] = "untrained SD-FSMIS head (allow_untrained): this result is not meaningful"
-        logger.info(f"sdfsmis: {response}")
+            response["warning"] = (
+                f"untrained {self.runtime.title} head (allow_untrained): this result is not meaningful"
+            )
+        logger.info(f"{self.runtime.method}: {response}")
         return output, response

@@ -1,3 +1,3 @@
-from .sdfsmis import SDFSMISTrain
+from .one_shot import OneShotTrain
 
-__all__ = ["SDFSMISTrain"]
+__all__ = ["OneShotTrain"]

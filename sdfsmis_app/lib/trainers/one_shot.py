@@ -1,6 +1,6 @@
-"""The ``sdfsmis`` train task: self-supervised episodic fine-tuning on the datastore's images
-(unlabeled are fine; submitted final labels can be mixed in), checkpoints in the app's model
-folder, the result published atomically where the infer task picks it up."""
+"""The train tasks ``sdfsmis`` and ``dpl``: self-supervised episodic fine-tuning of that method on
+the datastore's images (unlabeled are fine; submitted final labels can be mixed in), checkpoints
+in the app's model folder, the result published atomically where its infer task picks it up."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from sdfsmis.checkpoints import publish
+from sdfsmis.models import method_class
 from sdfsmis.trainer import TrainingRun, train
-from sdfsmis.weights import WEIGHTS_NAME
 
 from ..configs import ModelRuntime
 
@@ -35,14 +35,22 @@ def _alive(pid: int | None, started: float | None) -> bool:
         return False
 
 
-class SDFSMISTrain(TrainTask):
+class OneShotTrain(TrainTask):
     def __init__(self, runtime: ModelRuntime):
-        super().__init__("Self-supervised SD-FSMIS fine-tuning on 3-D supervoxel pseudo-labels of the datastore images")
+        super().__init__(
+            f"Self-supervised {runtime.title} fine-tuning on 3-D supervoxel pseudo-labels of the datastore images"
+        )
         self.runtime = runtime
+        # SD-FSMIS keeps the names it had before DPL existed, so running servers resume as they were
+        self.suffix = "" if runtime.method == "sdfsmis" else f"_{runtime.method}"
 
     @property
     def stats_file(self) -> Path:
-        return self.runtime.settings.model_dir / "train_stats.json"
+        return self.runtime.settings.model_dir / f"train_stats{self.suffix}.json"
+
+    @property
+    def output(self) -> Path:
+        return self.runtime.settings.model_dir / f"train{self.suffix}"
 
     def config(self) -> dict:
         training = self.runtime.config.training
@@ -99,7 +107,7 @@ class SDFSMISTrain(TrainTask):
         run = TrainingRun(
             backbone=settings.backbone,
             images=images,
-            output=settings.model_dir / "train",
+            output=self.output,
             config=config,
             iterations=params["iterations"],
             device=settings.device,
@@ -108,7 +116,8 @@ class SDFSMISTrain(TrainTask):
             use_labels=params["gt_rate"] > 0,
             progress=False,
             on_step=on_step,
-            init_checkpoint=settings.checkpoint if settings.checkpoint.is_file() else None,
+            init_checkpoint=self.runtime.checkpoint if self.runtime.checkpoint.is_file() else None,
+            method=self.runtime.method,
         )
         try:
             summary = train(run)
@@ -116,11 +125,11 @@ class SDFSMISTrain(TrainTask):
             stats.update({"status": "FAILED", "error": str(error)})
             self._write_stats(stats)
             raise
-        publish(run.output / WEIGHTS_NAME, settings.checkpoint)
+        publish(run.output / method_class(self.runtime.method).weights_name, self.runtime.checkpoint)
         stats.update(
             {
                 "status": "DONE",
-                "checkpoint": str(settings.checkpoint),
+                "checkpoint": str(self.runtime.checkpoint),
                 "resumed_from": summary["resumed_from"],
                 "skipped": summary["skipped"],  # volumes that yield no episode, with the reason
             },

@@ -1,0 +1,107 @@
+"""The ``dpl`` infer and train tasks through the REAL server and the client class Slicer uses, on
+a site that has only DINOv2 (no Stable Diffusion weights, no GPU): DPL serves, SD-FSMIS says why
+it cannot, and each method keeps its own checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client.client import MONAILabelClient, MONAILabelClientException
+
+from app_server import monailabel_server
+from sdfsmis.config import load_config
+from sdfsmis.synthetic import make_studies, make_volume, write_nifti
+from sdfsmis.trainer import TrainingRun, train
+
+LABEL_INFO = [{"name": "liver", "idx": 1}, {"name": "left kidney", "idx": 3}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_backbone):
+    root = tmp_path_factory.mktemp("dpl_server")
+    studies = make_studies(root / "studies", 3, seed=20)
+    backbone = root / "dinov2_only"
+    shutil.copytree(tiny_backbone / "dinov2", backbone / "dinov2")
+    shutil.copy(tiny_backbone / "sdfsmis.yaml", backbone / "sdfsmis.yaml")
+    config = load_config(backbone=backbone)
+    run = TrainingRun(backbone, studies, root / "ckpt", config, iterations=100, progress=False, method="dpl")
+    (root / "model").mkdir()
+    shutil.copy(train(run)["checkpoint"], root / "model" / "dpl.safetensors")
+    conf = [("backbone", backbone), ("model_dir", root / "model"), ("device", "cpu")]
+    with monailabel_server(root / "studies", root / "server.log", *conf) as url:
+        yield url, root
+
+
+def _client(url: str, tmp_path) -> MONAILabelClient:
+    return MONAILabelClient(url, tmpdir=str(tmp_path))
+
+
+def test_info_lists_both_methods_with_their_status(server, tmp_path):
+    info = _client(server[0], tmp_path).info()
+    assert info["models"]["dpl"]["type"] == "segmentation"  # OHIF's Auto-Segmentation tab lists it
+    assert info["models"]["dpl"]["dpl"]["available"] is True and info["models"]["dpl"]["dpl"]["trained"] is True
+    assert info["models"]["dpl"]["dpl"]["inferences"]["max_concurrent_infers"] >= 1
+    sdfsmis = info["models"]["sdfsmis"]["sdfsmis"]
+    assert sdfsmis["available"] is False and "missing: vae/" in sdfsmis["reason"]
+    assert {"sdfsmis", "dpl"} <= set(info["trainers"])
+
+
+def _save_support(client: MONAILabelClient, tmp_path) -> None:
+    _, label, affine = make_volume(20)  # case_000's anatomy
+    label = np.where(np.isin(label, [1, 3]), label, 0).astype(np.uint8)
+    write_nifti(tmp_path / "a.nii.gz", label, affine)
+    client.save_label("case_000", str(tmp_path / "a.nii.gz"), tag="final", params={"label_info": LABEL_INFO})
+
+
+def test_submit_then_infer_dpl_on_another_image_with_review_slices(server, tmp_path):
+    url, root = server
+    client = _client(url, tmp_path)
+    _save_support(client, tmp_path)
+    result, params = client.infer("dpl", "case_001", {"support": "case_000"})
+    out, image = nib.load(result), nib.load(root / "studies" / "case_001.nii.gz")
+    assert out.shape == image.shape
+    np.testing.assert_allclose(out.affine, image.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1, 3}
+    assert params["method"] == "dpl" and params["trained"] is True
+    assert params["support"]["source"] == "support_param" and params["label_names"] == {"liver": 1, "left kidney": 3}
+    depth = image.shape[2]
+    for name in ("liver", "left kidney"):
+        confidence = {int(z): c for z, c in params["confidence"][name].items()}
+        assert confidence and all(0 <= z < depth and 0.0 <= c <= 1.0 for z, c in confidence.items())
+        review = params["review_slices"][name]
+        assert review == sorted(review, key=lambda z: confidence[z]) and len(review) <= 5
+    # the same support rules as sdfsmis: a named support that cannot serve is refused, naming it
+    with pytest.raises(MONAILabelClientException) as error:
+        client.infer("dpl", "case_000", {"support": "case_002"})
+    assert "400" in str(error.value.msg) and "support image 'case_002' (param 'support')" in str(error.value.msg)
+    # SD-FSMIS cannot serve on this site, and says why
+    with pytest.raises(MONAILabelClientException) as error:
+        client.infer("sdfsmis", "case_001", {"support": "case_000"})
+    assert "503" in str(error.value.msg) and "vae/" in str(error.value.msg)
+
+
+def test_train_dpl_publishes_its_own_checkpoint_and_changes_next_inference(server, tmp_path):
+    url, root = server
+    client = _client(url, tmp_path)
+    _save_support(client, tmp_path)
+    before, _ = client.infer("dpl", "case_001", {"support": "case_000"})
+    before = np.asarray(nib.load(before).dataobj).copy()
+    served = (root / "model" / "dpl.safetensors").stat().st_mtime_ns
+    client.train_start("dpl", {"iterations": 30, "checkpoint_every": 15})
+    deadline = time.time() + 300
+    while (status := client.train_status()).get("status") in ("SUBMITTED", "RUNNING", "QUEUED"):
+        assert time.time() < deadline
+        time.sleep(1)
+    assert status["status"] == "DONE", status
+    stats = client.info()["train_stats"]["dpl"]
+    assert stats["status"] == "DONE" and stats["iteration"] == 30 and "seg" in stats and "diff" in stats
+    assert (root / "model" / "dpl.safetensors").stat().st_mtime_ns != served
+    assert (root / "model" / "train_dpl" / "dpl.safetensors").is_file()
+    assert not (root / "model" / "sdfsmis.safetensors").exists()  # SD-FSMIS's weights are its own
+    after, params = client.infer("dpl", "case_001", {"support": "case_000"})
+    assert params["trained"] is True
+    assert not np.array_equal(before, np.asarray(nib.load(after).dataobj))

@@ -1,9 +1,11 @@
 """The evaluation protocol against hand-computed expectations (support slices, chunks, folds,
 Setting-2 exclusion on ground truth, per-volume Dice), and ``sdfsmis evaluate`` end to end on a
-prepared look-alike CHAOS set with the tiny model and both training-free baselines."""
+prepared look-alike CHAOS set with the tiny model and both training-free baselines, and with a
+briefly trained DPL, its ablations and the uncertainty check."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -15,10 +17,10 @@ from sdfsmis.cli import main
 from sdfsmis.config import InferenceConfig
 from sdfsmis.episodes import TrainingVolume
 from sdfsmis.evaluation.dataset import PreparedDataset
-from sdfsmis.evaluation.harness import Evaluator
+from sdfsmis.evaluation.harness import Evaluator, slice_dice
 from sdfsmis.evaluation.lookalike import write_chaos
-from sdfsmis.evaluation.methods import Method
-from sdfsmis.evaluation.metrics import score_volume, summarise
+from sdfsmis.evaluation.methods import DPL_VARIANTS, Method, MethodFactory
+from sdfsmis.evaluation.metrics import score_volume, summarise, uncertainty_correlation
 from sdfsmis.evaluation.prepare import prepare
 from sdfsmis.evaluation.protocol import chunk_index, make_folds, support_slices, training_selection
 from sdfsmis.models.base import Prediction
@@ -170,8 +172,10 @@ def test_evaluate_end_to_end(chaos, tiny_backbone, tmp_path):
 
     realistic = tmp_path / "realistic"
     main([*args, "--method", "prototype", "--protocol", "realistic", "--output", str(realistic)])
-    volumes = json.loads((realistic / "results.json").read_text())["volumes"]
+    results = json.loads((realistic / "results.json").read_text())
+    volumes = results["volumes"]
     assert len(volumes) == 2 * 4 and all(v["slices"] == 10 for v in volumes)  # every query slice
+    assert "uncertainty" not in results["summary"]["prototype"]  # no per-slice confidence, no Spearman
     assert "realistic protocol" in (realistic / "table.md").read_text()
 
 
@@ -235,3 +239,125 @@ def test_a_method_failing_on_one_volume_is_recorded_and_the_run_goes_on(chaos, t
     # another run (other labels) is not confused with it
     evaluator.run(["flaky"], factory, 2, labels=[1], log=lambda _: None, done=tmp_path / "finished")
     assert made == [("flaky", 0), ("flaky", 1)]
+
+
+@pytest.fixture(scope="module")
+def dpl_weights(chaos, tiny_backbone, tiny_config, tmp_path_factory):
+    """A folder with dpl.safetensors: DPL trained for a few dozen iterations on the prepared
+    look-alike volumes (supervoxels only, as the fold models are)."""
+    from sdfsmis.trainer import TrainingRun, train
+
+    config = copy.deepcopy(tiny_config)
+    config.training.supervoxel_min_size = 2000  # the prepared set's supervoxels
+    output = tmp_path_factory.mktemp("dpl")
+    images = [chaos.image(c) for c in chaos.cases]
+    run = TrainingRun(
+        tiny_backbone,
+        images,
+        output,
+        config,
+        iterations=40,
+        batch_size=2,
+        use_labels=False,
+        progress=False,
+        method="dpl",
+    )
+    train(run)
+    return output
+
+
+def test_slice_dice_and_spearman_leave_out_slices_where_both_are_empty():
+    from scipy.stats import spearmanr
+
+    truth = np.zeros((4, 4, 4), dtype=bool)
+    truth[:2, :2, 1:] = True
+    prediction = np.zeros_like(truth)
+    prediction[:2, :2, 1] = True  # slice 1 exact, slice 2 missed, slice 3 half
+    prediction[:2, 0, 3] = True  # slice 0: both empty
+    assert slice_dice(prediction, truth, [0, 1, 2, 3]) == [None, 1.0, 0.0, pytest.approx(2 * 2 / 6)]
+    base = {"method": "m", "fold": 0, "dice": 0.5, "hd95": 1.0, "assd": 1.0, "seconds": 1.0, "slices": 4}
+    records = [
+        # uncertainty 1 - c: 0.1, 0.4, 0.8 against error 0, 0.5, 1 -> rho 1; the None slice is left out
+        {**base, "organ": "liver", "slice_dice": [None, 1.0, 0.5, 0.0], "slice_confidence": [0.0, 0.9, 0.6, 0.2]},
+        {**base, "organ": "spleen", "slice_dice": [1.0, 0.5, 0.0, None], "slice_confidence": [0.2, 0.6, 0.9, 1.0]},
+        {**base, "organ": "spleen", "failed": "RuntimeError: x"},
+    ]
+    correlation = uncertainty_correlation(records)
+    assert correlation["classes"]["liver"] == {
+        "spearman": pytest.approx(1.0),
+        "p_value": pytest.approx(0.0),
+        "slices": 3,
+    }
+    assert correlation["classes"]["spleen"]["spearman"] == pytest.approx(-1.0)
+    pooled = spearmanr([0.1, 0.4, 0.8, 0.8, 0.4, 0.1], [0, 0.5, 1, 0, 0.5, 1]).statistic
+    assert correlation["all"]["slices"] == 6 and correlation["all"]["spearman"] == pytest.approx(pooled)
+    assert summarise(records)["m"]["uncertainty"] == correlation
+    assert uncertainty_correlation([{**base, "organ": "liver"}]) is None  # no per-slice confidence
+
+
+def test_dpl_ablations_change_only_what_they_name(tiny_backbone, tiny_config, dpl_weights):
+    factory = MethodFactory(tiny_backbone, None, tiny_config, dpl_checkpoint=str(dpl_weights))
+    models = {key: factory(key, 0).model for key in DPL_VARIANTS}
+    full = models["dpl"]
+    assert full.config.fusion_lambda == tiny_config.dpl.fusion_lambda > 0 and full.config.use_condition
+    assert models["dpl-lambda0"].config.fusion_lambda == 0.0
+    assert models["dpl-no-condition"].config.use_condition is False
+    assert tiny_config.dpl.use_condition and tiny_config.dpl.fusion_lambda > 0  # the shared config is untouched
+    untrained = models["dpl-untrained-denoiser"].denoiser_ema.output.weight
+    assert not untrained.any() and full.denoiser_ema.output.weight.any()  # the trained denoiser moved
+    assert torch.equal(models["dpl-untrained-denoiser"].adapter.net[0].weight, full.adapter.net[0].weight)
+    assert factory("dpl", 0) is factory("dpl", 0)  # not reloaded for the same method and checkpoint
+    assert factory("dpl-lambda0", 0).model is not full and full.config.fusion_lambda > 0  # a changed copy
+
+
+def test_evaluate_dpl_rows_ablations_and_uncertainty(chaos, tiny_backbone, dpl_weights, tmp_path):
+    from scipy.stats import spearmanr
+
+    keys = list(DPL_VARIANTS)
+    args = ["evaluate", "--data", str(chaos.root), "--backbone", str(tiny_backbone), "--folds", "2"]
+    args += ["--dpl-checkpoint", str(dpl_weights)]
+    out = tmp_path / "realistic"
+    main([*args, "--method", ",".join(keys), "--protocol", "realistic", "--output", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["summary"]) == keys
+    rows = list(csv.DictReader(open(out / "per_volume.csv")))
+    for key in keys:
+        assert sum(r["method"] == key and not r["failed"] for r in rows) == 2 * 4  # folds x classes, none failed
+    table = (out / "table.md").read_text()
+    for title in (
+        "| DPL, backbone tiny |",
+        "| DPL, lambda 0",
+        "| DPL, untrained denoiser",
+        "| DPL, no spatial condition",
+    ):
+        assert title in table
+    assert "(untrained)" not in table  # the weights were found in the folder
+    volumes = results["volumes"]
+    for key in keys:
+        correlation = results["summary"][key]["uncertainty"]
+        assert f"{DPL_VARIANTS[key]}, backbone tiny: uncertainty (1 - slice confidence)" in table
+        assert set(correlation["classes"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+        rho = correlation["all"]["spearman"]
+        assert isinstance(rho, float) and -1.0 <= rho <= 1.0
+        for organ, found in correlation["classes"].items():
+            mine = [v for v in volumes if v["method"] == key and v["organ"] == organ]
+            assert all(
+                len(v["slice_dice"]) == len(v["slice_confidence"]) == v["query_slices"][1] - v["query_slices"][0] + 1
+                for v in mine
+            )
+            pairs = [
+                (1 - c, 1 - d) for v in mine for d, c in zip(v["slice_dice"], v["slice_confidence"]) if d is not None
+            ]
+            assert found["slices"] == len(pairs)
+            if found["spearman"] is not None:
+                assert found["spearman"] == pytest.approx(spearmanr(*zip(*pairs)).statistic)
+                assert -1.0 <= found["spearman"] <= 1.0
+    # The lambda-0 ablation is a different prediction from the full method (fusion moves the prototype).
+    dice = {key: [v["dice"] for v in volumes if v["method"] == key] for key in keys}
+    assert dice["dpl"] != dice["dpl-lambda0"]
+
+    paper = tmp_path / "paper"
+    main([*args, "--method", "dpl", "--output", str(paper)])
+    results = json.loads((paper / "results.json").read_text())
+    assert [v["method"] for v in results["volumes"]] == ["dpl"] * 2 * 4
+    assert all(not v.get("failed") and "slice_confidence" not in v for v in results["volumes"])

@@ -49,9 +49,9 @@ def checkpoint_for_fold(pattern: str | None, fold: int, weights_name: str | None
 
 
 class MethodFactory:
-    """Builds a method for a fold; a model is reloaded only when the method or the fold's
-    checkpoint changes. DPL's weights come from ``dpl_checkpoint``, else from ``checkpoint``
-    when that names a folder (its dpl.safetensors)."""
+    """Builds a method for a fold; a model is reloaded only when the fold's checkpoint changes
+    (DPL's ablations are copies of the loaded DPL, changed). DPL's weights come from
+    ``dpl_checkpoint``, else from ``checkpoint`` when that names a folder (its dpl.safetensors)."""
 
     def __init__(
         self,
@@ -68,6 +68,7 @@ class MethodFactory:
         self.prototype_resolution = prototype_resolution
         self.registration_resolution = registration_resolution
         self._loaded: tuple[str, Path | None, Method] | None = None
+        self._dpl: tuple[Path | None, Any] | None = None  # the fold's DPL as loaded, never changed
 
     def _checkpoint(self, key: str, fold: int, weights_name: str) -> Path | None:
         if key == "sdfsmis":
@@ -90,7 +91,7 @@ class MethodFactory:
         checkpoint = self._checkpoint(key, fold, method_class(method).weights_name)
         if self._loaded is not None and self._loaded[:2] == (key, checkpoint):
             return self._loaded[2]
-        self._loaded = None  # one model in memory at a time
+        self._loaded = None  # in memory: the current method's model, and the fold's DPL for its ablations
         if self.backbone is None:
             raise ValueError(f"method {key} needs --backbone")
         option = "--checkpoint" if method == "sdfsmis" else "--dpl-checkpoint"
@@ -98,20 +99,27 @@ class MethodFactory:
             print(f"WARNING: no {option}: {key} is untrained, its scores are a floor", file=sys.stderr)
         elif not checkpoint.exists():
             raise FileNotFoundError(f"{option} for fold {fold} not found: {checkpoint}")
-        config = copy.deepcopy(self.config)
         untrained = "" if checkpoint else " (untrained)"
         if method == "sdfsmis":
+            self._dpl, config = None, copy.deepcopy(self.config)
             model = load_model("sdfsmis", self.backbone, config, checkpoint, device=self.device).eval()
             title = f"SD-FSMIS, backbone {Path(str(self.backbone)).name}{untrained}"
             # The paper's decision: 0.25 x the chunk's maximum, largest component per slice.
             built = Method(key, title, model, relative_threshold=0.25, largest_per_slice=True)
         else:
+            if self._dpl is None or self._dpl[0] != checkpoint:
+                self._dpl = None
+                config = copy.deepcopy(self.config)
+                self._dpl = (
+                    checkpoint,
+                    load_model("dpl", self.backbone, config, checkpoint, device=self.device).eval(),
+                )
+            model = self._dpl[1] if key == "dpl" else copy.deepcopy(self._dpl[1])  # its own config too
             if key == "dpl-lambda0":
-                config.dpl.fusion_lambda = 0.0
+                model.config.fusion_lambda = 0.0
             elif key == "dpl-no-condition":
-                config.dpl.use_condition = False
-            model = load_model("dpl", self.backbone, config, checkpoint, device=self.device).eval()
-            if key == "dpl-untrained-denoiser":
+                model.config.use_condition = False
+            elif key == "dpl-untrained-denoiser":
                 model.reset_denoiser()
             # ADNet's decision (P > 0.5 from the learned threshold T), no post-processing: neither
             # the DPL abstract nor the ADNet lineage states a relative threshold or component rule.

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The evaluation tables on generated look-alike data, from nothing and offline: look-alike raw
 # CHAOS (DICOM + PNG) and Synapse (NIfTI) patients -> `sdfsmis prepare` -> per-fold training of
-# the tiny model (Setting 1; SETTINGS="1 2" on data that allows Setting 2) -> `sdfsmis evaluate` (paper and realistic protocols, tiny
-# SD-FSMIS + both training-free baselines) and cross-domain (CT -> MRI, MRI -> CT).
+# the tiny SD-FSMIS and DPL models (Setting 1; SETTINGS="1 2" on data that allows Setting 2) ->
+# `sdfsmis evaluate` (paper and realistic protocols, tiny SD-FSMIS, DPL and its ablations, both
+# training-free baselines) and cross-domain (CT -> MRI, MRI -> CT).
 # Tables: $OUT/tables.md (docs/evaluation.md shows one run). Knobs: OUT, PATIENTS, FOLDS,
-# ITERATIONS, SETTINGS, EXCLUSION_RULE (Setting 2: any|all), PROTOCOLS, OMP_NUM_THREADS.
+# ITERATIONS, DPL (1: with DPL, 0: without), DPL_ITERATIONS, SETTINGS, EXCLUSION_RULE
+# (Setting 2: any|all), PROTOCOLS, OMP_NUM_THREADS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash apps/setup.sh
@@ -14,6 +16,9 @@ OUT="${OUT:-artifacts/evaluation}"
 PATIENTS="${PATIENTS:-15}"
 FOLDS="${FOLDS:-5}"
 ITERATIONS="${ITERATIONS:-300}"
+DPL="${DPL:-1}"
+DPL_ITERATIONS="${DPL_ITERATIONS:-1500}"
+DPL_METHODS=dpl,dpl-lambda0,dpl-untrained-denoiser,dpl-no-condition
 # Setting 2 does not fit the look-alike patients: every slice shows some test organ (ANY drops
 # ~78 % of the slices, too few adjacent ones stay for episodes) and none shows all four (ALL
 # drops nothing, so it equals Setting 1). Use it on real CHAOS / Synapse volumes.
@@ -46,6 +51,15 @@ train() {  # DATA SETTING OUTPUT [--fold K]
     --images "$OUT/data/$1" --setting "$2" --exclusion-rule "$EXCLUSION_RULE" \
     --folds "$FOLDS" --iterations "$ITERATIONS" --batch-size 4 --output "$3" "${@:4}" > "$3.log" 2>&1
 }
+train_dpl() {  # DATA SETTING OUTPUT [--fold K]: DPL's fold model, its own folder (dpl.safetensors)
+  [ "$DPL" = 1 ] || return 0
+  [ -f "$3/dpl.safetensors" ] || sdfsmis train --method dpl --backbone "$BACKBONE" --config "$OUT/$1.yaml" \
+    --images "$OUT/data/$1" --setting "$2" --exclusion-rule "$EXCLUSION_RULE" \
+    --folds "$FOLDS" --iterations "$DPL_ITERATIONS" --batch-size 4 --output "$3" "${@:4}" > "$3.log" 2>&1
+}
+with_dpl() {  # METHODS -> METHODS with DPL and its ablations after sdfsmis (DPL=1)
+  [ "$DPL" = 1 ] && echo "${1/sdfsmis/sdfsmis,$DPL_METHODS}" || echo "$1"
+}
 evaluate() {  # DATA SETTING PROTOCOL METHODS CHECKPOINT NAME [extra]
   [ -f "$OUT/results/$6/results.json" ] && return
   sdfsmis evaluate --data "$OUT/data/$1" --backbone "$BACKBONE" --setting "$2" --protocol "$3" --method "$4" \
@@ -57,21 +71,23 @@ mkdir -p "$OUT/ckpt" "$OUT/results"
 for kind in chaos synapse; do
   for setting in $SETTINGS; do
     for ((fold = 0; fold < FOLDS; fold++)); do
-      mkdir -p "$OUT/ckpt/$kind-s$setting"
+      mkdir -p "$OUT/ckpt/$kind-s$setting" "$OUT/ckpt/$kind-s$setting-dpl"
       train "$kind" "$setting" "$OUT/ckpt/$kind-s$setting/fold$fold" --fold "$fold"
+      train_dpl "$kind" "$setting" "$OUT/ckpt/$kind-s$setting-dpl/fold$fold" --fold "$fold"
     done
     # The baselines are training-free: Setting 2 does not change them, they run with Setting 1.
-    methods=$([ "$setting" = 1 ] && echo sdfsmis,prototype,registration || echo sdfsmis)
+    methods=$(with_dpl "$([ "$setting" = 1 ] && echo sdfsmis,prototype,registration || echo sdfsmis)")
     for protocol in $PROTOCOLS; do
       evaluate "$kind" "$setting" "$protocol" "$methods" "$OUT/ckpt/$kind-s$setting/fold{fold}/sdfsmis.safetensors" \
-        "$kind-s$setting-$protocol"
+        "$kind-s$setting-$protocol" --dpl-checkpoint "$OUT/ckpt/$kind-s$setting-dpl/fold{fold}/dpl.safetensors"
     done
   done
   # Cross-domain (Setting 1): one model trained on every volume of the other modality.
   other="${OTHER[$kind]}"
   train "$other" 1 "$OUT/ckpt/$other-all"
-  evaluate "$kind" 1 paper sdfsmis "$OUT/ckpt/$other-all/sdfsmis.safetensors" "$kind-cross-domain-paper" \
-    --trained-on "${NAME[$other]} (cross-domain)"
+  train_dpl "$other" 1 "$OUT/ckpt/$other-all-dpl"
+  evaluate "$kind" 1 paper "$(with_dpl sdfsmis)" "$OUT/ckpt/$other-all/sdfsmis.safetensors" "$kind-cross-domain-paper" \
+    --dpl-checkpoint "$OUT/ckpt/$other-all-dpl/dpl.safetensors" --trained-on "${NAME[$other]} (cross-domain)"
 done
 
 : > "$OUT/tables.md"

@@ -69,3 +69,27 @@ def trained_checkpoint(fitted_backbone, tmp_path_factory) -> Path:
     )
     train(run)
     return root / "ckpt" / "sdfsmis.safetensors"
+
+
+@pytest.fixture(scope="session")
+def trained_dpl(tiny_backbone, tmp_path_factory) -> tuple[dict, Path]:
+    """DPL trained for a CPU minute on supervoxels alone (no label seen): (summary, output folder).
+    It needs only DINOv2, which every tiny backbone shares (same seed)."""
+    from sdfsmis.config import load_config
+    from sdfsmis.synthetic import make_studies
+    from sdfsmis.trainer import TrainingRun, train
+
+    root = tmp_path_factory.mktemp("dpl_trained")
+    images = make_studies(root / "studies", 4, seed=10)
+    run = TrainingRun(
+        tiny_backbone,
+        images,
+        root / "ckpt",
+        load_config(backbone=tiny_backbone),
+        iterations=600,
+        batch_size=4,
+        use_labels=False,
+        progress=False,
+        method="dpl",
+    )
+    return train(run), root / "ckpt"

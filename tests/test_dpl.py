@@ -23,7 +23,7 @@ from sdfsmis.models import DPL, load_model
 from sdfsmis.models.dinov2 import masked_average
 from sdfsmis.models.dpl import prototype_probability
 from sdfsmis.models.prototype_diffusion import conservative_fusion
-from sdfsmis.synthetic import make_studies, make_volume, write_nifti
+from sdfsmis.synthetic import make_volume, write_nifti
 from sdfsmis.trainer import TrainingRun, train
 from sdfsmis.volume import load_volume
 from sdfsmis.weights import CheckpointError, save_weights
@@ -221,27 +221,6 @@ def test_infer_cli_dpl_writes_uncertainty_in_the_query_geometry(tiny_backbone, p
     assert set(labelled) <= set(confidence)
 
 
-@pytest.fixture(scope="module")
-def trained_dpl(tiny_backbone, tmp_path_factory):
-    """DPL trained for a CPU minute on supervoxels alone (no label seen)."""
-    root = tmp_path_factory.mktemp("dpl_trained")
-    images = make_studies(root / "studies", 4, seed=10)
-    config = load_config(backbone=tiny_backbone)
-    run = TrainingRun(
-        tiny_backbone,
-        images,
-        root / "ckpt",
-        config,
-        iterations=600,
-        batch_size=4,
-        use_labels=False,
-        progress=False,
-        method="dpl",
-    )
-    summary = train(run)
-    return summary, root / "ckpt"
-
-
 def _cross_patient_dice(model, config, patients) -> float:
     _, support, support_label, query, truth = patients
     segmenter = VolumeSegmenter(model, config.inference, progress=False)
@@ -278,3 +257,28 @@ def test_supervoxel_training_beats_untrained_dpl_across_patients(tiny_backbone, 
         f"trained DPL {trained:.3f}, training-free prototype baseline {prototype:.3f}"
     )
     assert trained > untrained + 0.05
+
+
+def test_resumed_dpl_training_equals_an_uninterrupted_run(tiny_backbone, trained_dpl, tmp_path):
+    """Stopped at 10 and resumed to 20: the denoiser's EMA, the optimiser and the data order
+    continue, so the weights equal a straight 20-iteration run."""
+    from safetensors.torch import load_file
+
+    images = sorted((trained_dpl[1].parent / "studies").glob("*.nii.gz"))  # supervoxels already cached
+    config = load_config(backbone=tiny_backbone)
+    config.training.checkpoint_every = config.training.validate_every = 5
+
+    def run(output, iterations, resume=False):
+        return train(
+            TrainingRun(tiny_backbone, images, output, config, iterations, resume=resume, progress=False, method="dpl")
+        )
+
+    run(tmp_path / "resumed", 10)
+    assert run(tmp_path / "resumed", 20, resume=True)["resumed_from"] == 10
+    run(tmp_path / "straight", 20)
+    resumed, straight = (
+        load_file(tmp_path / "resumed" / "dpl.safetensors"),
+        load_file(tmp_path / "straight" / "dpl.safetensors"),
+    )
+    assert any(k.startswith("denoiser_ema.") for k in resumed)
+    assert max((resumed[k] - straight[k]).abs().max().item() for k in resumed) < 1e-5

@@ -65,15 +65,17 @@ def studies(pacs, tmp_path_factory) -> dict[str, dict]:
         "ct_support": _upload(pacs, folder, "ct-support", 21, "CT", support=True),
         "ct_query": _upload(pacs, folder, "ct-query", 22, "CT", support=False),
         "ct_ohif": _upload(pacs, folder, "ct-ohif", 23, "CT", support=False),
+        "ct_ohif_dpl": _upload(pacs, folder, "ct-ohif-dpl", 26, "CT", support=False),
         "mr_support": _upload(pacs, folder, "mr-support", 24, "MR", support=True),
         "mr_query": _upload(pacs, folder, "mr-query", 25, "MR", support=False),
     }
 
 
 @pytest.fixture(scope="module")
-def server(pacs, studies, fitted_backbone, trained_checkpoint, tmp_path_factory):
+def server(pacs, studies, fitted_backbone, trained_checkpoint, trained_dpl, tmp_path_factory):
     root = tmp_path_factory.mktemp("dicomweb-app")
     conf = [("backbone", fitted_backbone), ("checkpoint", trained_checkpoint), ("model_dir", root / "model")]
+    conf.append(("dpl_checkpoint", trained_dpl[1] / "dpl.safetensors"))
     # no internet, even where the machine has some: dcmqi must not be needed
     env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"), "HTTPS_PROXY": "http://127.0.0.1:9"}
     with monailabel_server(pacs.dicomweb, root / "server.log", *conf, env=env) as url:
@@ -94,9 +96,10 @@ def _segs_of(pacs, series_uid: str) -> list[dict]:
 
 def test_dicomweb_mode_serves_ct_and_mr_series_offline(server, studies):
     info = requests.get(f"{server}/info/", timeout=30).json()
-    assert info["datastore"]["total"] == 5  # 3 CT + 2 MR image series; the SEGs are labels, not images
-    assert info["models"]["sdfsmis"]["type"] == "segmentation"  # listed by OHIF's Auto-Segmentation tab
-    assert info["models"]["sdfsmis"]["labels"] == {"liver": 1, "spleen": 4}  # read from the SEG supports
+    assert info["datastore"]["total"] == 6  # 4 CT + 2 MR image series; the SEGs are labels, not images
+    for model in ("sdfsmis", "dpl"):
+        assert info["models"][model]["type"] == "segmentation"  # listed by OHIF's Auto-Segmentation tab
+        assert info["models"][model]["labels"] == {"liver": 1, "spleen": 4}  # read from the SEG supports
 
 
 def test_seg_support_on_another_study_segments_the_query_with_its_names_and_colours(server, studies, tmp_path):
@@ -184,23 +187,26 @@ def _slice_counts_by_world_z(image: sitk.Image, label_id: int) -> dict[float, in
     }
 
 
-def test_ohif_runs_sdfsmis_and_displays_the_segmentation(server, pacs, studies, tmp_path):
+@pytest.mark.parametrize("model, study", [("sdfsmis", "ct_ohif"), ("dpl", "ct_ohif_dpl")])
+def test_ohif_runs_the_model_and_displays_the_segmentation(model, study, server, pacs, studies, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver = _chromium_driver(tmp_path / "profile")
     try:
-        driver.get(f"{server}/ohif/monai-label?StudyInstanceUIDs={studies['ct_ohif']['study']}")
+        driver.get(f"{server}/ohif/monai-label?StudyInstanceUIDs={studies[study]['study']}")
         from selenium.webdriver.common.by import By
         from selenium.webdriver.common.keys import Keys
-        from selenium.webdriver.support.ui import WebDriverWait
+        from selenium.webdriver.support.ui import Select, WebDriverWait
 
         wait = WebDriverWait(driver, 120, poll_frequency=0.5)
         field = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type=text]"))
-        wait.until(lambda d: "CT ct-ohif" in d.execute_script("return document.body.innerText"))
+        name = study.replace("_", "-")
+        wait.until(lambda d: f"CT {name}" in d.execute_script("return document.body.innerText"))
         field.send_keys(Keys.CONTROL, "a")
         field.send_keys(f"{server}/")
         field.find_element(By.XPATH, "following::button[1]").click()  # connect
-        models = wait.until(lambda d: d.find_elements(By.XPATH, "//option[normalize-space()='sdfsmis']"))
-        assert models, "sdfsmis is not listed in OHIF's MONAI Label panel"
+        options = wait.until(lambda d: d.find_elements(By.XPATH, f"//option[normalize-space()='{model}']"))
+        assert options, f"{model} is not listed in OHIF's MONAI Label panel"
+        Select(options[0].find_element(By.XPATH, "..")).select_by_visible_text(model)
         driver.get_log("browser")  # drop what came before the click
 
         run = driver.find_element(By.XPATH, "//button[normalize-space()='Run']")
@@ -210,17 +216,18 @@ def test_ohif_runs_sdfsmis_and_displays_the_segmentation(server, pacs, studies, 
         seconds = time.perf_counter() - started
         state = driver.execute_script(LABELMAP_STATE)
         time.sleep(1.0)  # one more render before the picture
-        driver.save_screenshot(str(ARTIFACTS / "ohif_sdfsmis_result.png"))
+        driver.save_screenshot(str(ARTIFACTS / f"ohif_{model}_result.png"))
         page = driver.execute_script("return document.body.innerText")
     finally:
         driver.quit()
-    print(f"OHIF: click on Run -> segmentation on screen in {seconds:.2f} s (tiny model, CPU)")
-    (ARTIFACTS / "ohif_timing.json").write_text(json.dumps({"click_to_display_s": round(seconds, 3)}))
+    print(f"OHIF: {model}: click on Run -> segmentation on screen in {seconds:.2f} s (tiny model, CPU)")
+    (ARTIFACTS / f"ohif_{model}_timing.json").write_text(json.dumps({"click_to_display_s": round(seconds, 3)}))
 
     assert "Running Segmentation - Successful" in page
     # the same request as OHIF's, through the client, for the server's own answer
     client = MONAILabelClient(server, tmpdir=str(tmp_path))  # not /tmp: the server deletes its own copy there
-    result_file, result = client.infer("sdfsmis", studies["ct_ohif"]["series"], dict(OHIF_PARAMS))
+    result_file, result = client.infer(model, studies[study]["series"], dict(OHIF_PARAMS))
+    assert result["method"] == model
     ohif_index = {name: index for index, name in state["segments"]}
     assert set(result["label_names"]) <= set(ohif_index)  # OHIF segments carry the support's names
     served = sitk.ReadImage(result_file)
@@ -234,6 +241,6 @@ def test_ohif_runs_sdfsmis_and_displays_the_segmentation(server, pacs, studies, 
         assert dict(zip(z, shown)) == expected
     # the radiologist accepts the result as final: a DICOM SEG goes back to the PACS
     label_info = [{"idx": idx, "name": name} for name, idx in result["label_names"].items()]
-    client.save_label(studies["ct_ohif"]["series"], result_file, tag="final", params={"label_info": label_info})
-    (seg,) = _segs_of(pacs, studies["ct_ohif"]["series"])
+    client.save_label(studies[study]["series"], result_file, tag="final", params={"label_info": label_info})
+    (seg,) = _segs_of(pacs, studies[study]["series"])
     assert {(s["idx"], s["name"]) for s in seg["segments"]} == {(e["idx"], e["name"]) for e in label_info}

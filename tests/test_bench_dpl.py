@@ -47,6 +47,7 @@ def test_bench_dpl_times_both_methods_and_dpl_training(tmp_path, capsys):
     )
     assert result["method"] == "dpl" and result["shape"] == "tiny" and result["device"].startswith("cpu")
     assert result["cpu_model"] and result["threads"] == torch.get_num_threads() and result["date"]
+    assert len(result["load_average"]) == 2
     assert (result["slices"], result["supports"], result["supports_used"]) == (SLICES, SUPPORTS, SUPPORTS)
     preset = load_config("tiny")
     assert result["variants"] == preset.dpl.variants == 8 and result["image_size"] == preset.dpl.image_size

@@ -24,6 +24,7 @@ import copy
 import datetime
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -556,6 +557,7 @@ def run_dpl_bench(args: argparse.Namespace) -> dict:
     if args.scaling:
         raise ValueError("--scaling times SD-FSMIS alone: run it without --method dpl")
     device = torch.device(args.device)
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     switch = {"auto": None, "on": True, "off": False}
     options = InferenceOptions(
@@ -599,6 +601,8 @@ def run_dpl_bench(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
     }
     result.update(bench_dpl_inference(sdfsmis, dpl, config, args, options))
+    # the 1-minute load average before and after the timing: above the thread count, other work shared the CPU
+    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     applies = (
         device.type == "cpu"
         and result["threads"] == 2
@@ -638,6 +642,7 @@ def format_dpl_table(result: dict) -> str:
         ("query slices / supports / batch", f"{result['slices']} / {result['supports']} / {result['batch_size']}"),
         ("DPL K / DINOv2 input (grid)", f"{result['variants']} / {result['image_size']} ({result['patch_grid']}^2)"),
         ("precision", result["precision"]),
+        ("load average before / after", " / ".join(str(v) for v in result["load_average"])),
         ("SD-FSMIS s/slice", f"{result['sdfsmis_s_per_slice']:.4f}"),
         ("  of which supports, once", f"{result['sdfsmis_support_s']:.4f} s"),
         ("DPL s/slice", f"{result['dpl_s_per_slice']:.4f}"),

@@ -295,7 +295,7 @@ def test_slice_dice_and_spearman_leave_out_slices_where_both_are_empty():
     assert uncertainty_correlation([{**base, "organ": "liver"}]) is None  # no per-slice confidence
 
 
-def test_dpl_ablations_change_only_what_they_name(tiny_backbone, tiny_config, dpl_weights):
+def test_dpl_ablations_change_only_what_they_name(tiny_backbone, tiny_config, dpl_weights, tmp_path):
     factory = MethodFactory(tiny_backbone, None, tiny_config, dpl_checkpoint=str(dpl_weights))
     models = {key: factory(key, 0).model for key in DPL_VARIANTS}
     full = models["dpl"]
@@ -308,6 +308,12 @@ def test_dpl_ablations_change_only_what_they_name(tiny_backbone, tiny_config, dp
     assert torch.equal(models["dpl-untrained-denoiser"].adapter.net[0].weight, full.adapter.net[0].weight)
     assert factory("dpl", 0) is factory("dpl", 0)  # not reloaded for the same method and checkpoint
     assert factory("dpl-lambda0", 0).model is not full and full.config.fusion_lambda > 0  # a changed copy
+    # --checkpoint naming a folder: each method takes its own weights file from it
+    folder = MethodFactory(tiny_backbone, str(tmp_path / "{fold}"), tiny_config)
+    (tmp_path / "0").symlink_to(dpl_weights, target_is_directory=True)
+    assert folder._checkpoint("dpl-no-condition", 0, "dpl.safetensors") == tmp_path / "0" / "dpl.safetensors"
+    assert folder._checkpoint("sdfsmis", 0, "sdfsmis.safetensors") == tmp_path / "0" / "sdfsmis.safetensors"
+    assert folder._checkpoint("dpl", 1, "dpl.safetensors") is None  # no folder for fold 1: untrained
 
 
 def test_evaluate_dpl_rows_ablations_and_uncertainty(chaos, tiny_backbone, dpl_weights, tmp_path):

@@ -98,14 +98,25 @@ def query_range(
     )
 
 
+def nearest_supports(
+    query_z: np.ndarray, support_z: list[int], mapping: tuple[float, float, float, float], count: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` support slices nearest each query slice once the query range is mapped
+    linearly onto the support's annotated range (chunking of EP1, generalised): indices [Q, k]
+    and weights [Q, k] (1 / (1 + distance in slices), normalised per query slice)."""
+    q0, q1, s0, s1 = mapping
+    position = s0 + (query_z - q0) * ((s1 - s0) / (q1 - q0) if q1 > q0 else 0.0)
+    distance = np.abs(position[:, None] - np.asarray(support_z, dtype=np.float64)[None, :])
+    order = np.argsort(distance, axis=1, kind="stable")[:, : max(1, min(count, len(support_z)))]
+    weights = 1.0 / (1.0 + np.take_along_axis(distance, order, axis=1))
+    return order, (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def assign_supports(
     query_z: np.ndarray, support_z: list[int], mapping: tuple[float, float, float, float]
 ) -> np.ndarray:
-    """Each query slice uses the support slice nearest to it once the query range is mapped
-    linearly onto the support's annotated range (chunking of EP1, generalised)."""
-    q0, q1, s0, s1 = mapping
-    position = s0 + (query_z - q0) * ((s1 - s0) / (q1 - q0) if q1 > q0 else 0.0)
-    return np.abs(position[:, None] - np.asarray(support_z)[None, :]).argmin(axis=1)
+    """The nearest support slice of each query slice (see :func:`nearest_supports`)."""
+    return nearest_supports(query_z, support_z, mapping)[0][:, 0]
 
 
 def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np.ndarray:
@@ -136,18 +147,35 @@ def select_label_ids(support_label: Volume, requested: list[int] | None = None) 
     return requested or present
 
 
-def variance_of_variants(prediction: Prediction) -> torch.Tensor | None:
-    """Voxel uncertainty [Q, 1, H, W]: the variance over the K variants' probabilities (0 for
-    K = 1 or identical variants); None for a method without variants."""
+def combine_supports(predictions: list[Prediction], weights: torch.Tensor) -> Prediction:
+    """The predictions of a query batch from its k nearest supports -> their weighted mean, with
+    every support's variants (DPL) or its probability (SD-FSMIS) as the members whose
+    disagreement is the uncertainty. ``weights`` [B, k]."""
+    w = weights[:, :, None, None, None].to(predictions[0].probability.dtype)  # [B, k, 1, 1, 1]
+    probability = (w[:, :, 0] * torch.cat([p.probability for p in predictions], dim=1)).sum(dim=1, keepdim=True)
+    if len(predictions) == 1 and predictions[0].variants is None:
+        return Prediction(probability)
+    members = [p.variants if p.variants is not None else p.probability for p in predictions]
+    return Prediction(probability, torch.stack(members, dim=1))  # [B, k, M, H, W]
+
+
+def member_variance(prediction: Prediction, weights: torch.Tensor) -> torch.Tensor | None:
+    """Voxel uncertainty [B, 1, H, W]: the weighted variance of the members' probabilities (the
+    variants of each support, or the supports themselves); 0 when they agree (K = 1, identical
+    variants, one support); None for a single support without variants."""
     if prediction.variants is None:
         return None
-    return prediction.variants.float().var(dim=1, keepdim=True, unbiased=False)
+    members = prediction.variants.float()  # [B, k, M, H, W]
+    w = (weights.float() / members.shape[2])[:, :, None, None, None]
+    mean = (w * members).sum(dim=(1, 2), keepdim=True)
+    return (w * (members - mean) ** 2).sum(dim=(1, 2))[:, None]
 
 
 def slice_confidence(prediction: Prediction, uncertainty: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per slice: 1 - 4 x the mean variance where the fused prediction or any variant says
-    foreground (a probability's variance is at most 1/4); 1 where none does."""
-    region = (prediction.probability >= threshold) | (prediction.variants >= threshold).any(dim=1, keepdim=True)
+    """Per slice: 1 - 4 x the mean variance where the result or any member says foreground (a
+    probability's variance is at most 1/4); 1 where none does."""
+    members = prediction.variants.flatten(1, 2) >= threshold
+    region = (prediction.probability >= threshold) | members.any(dim=1, keepdim=True)
     area = region.flatten(1).sum(dim=1)
     mean = (uncertainty * region).flatten(1).sum(dim=1) / area.clamp_min(1)
     return torch.where(area > 0, 1 - 4 * mean, torch.ones_like(mean))
@@ -161,17 +189,26 @@ def segment_slices(
     batch_size: int,
     progress: bool = False,
     threshold: float = 0.5,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Query slices [Q, 1, H, W] on the model's device -> probabilities [Q, 1, H, W], and for a
-    method with variants the uncertainty [Q, 1, H, W] and per-slice confidence [Q], on the same
-    device, in batches that share the encoded support; nothing goes back to the host per batch."""
+    """Query slices [Q, 1, H, W] on the model's device, each against support rows ``index`` [Q]
+    or its k nearest [Q, k] combined with ``weights`` [Q, k] -> probabilities [Q, 1, H, W], and
+    where members disagree (DPL's variants, several supports) the uncertainty [Q, 1, H, W] and
+    per-slice confidence [Q], on the same device, in batches that share the encoded support;
+    nothing goes back to the host per batch."""
+    if index.dim() == 1:
+        index = index[:, None]
+    if weights is None:
+        weights = torch.full(index.shape, 1.0 / index.shape[1], device=index.device)
     starts = range(0, queries.shape[0], batch_size)
     bar = tqdm(starts, desc="query slices", unit="batch", disable=not progress or len(starts) < 2)
     probabilities, uncertainties, confidences = [], [], []
     for s in bar:
-        prediction = model.predict(support, queries[s : s + batch_size], index[s : s + batch_size])
+        part = slice(s, s + batch_size)
+        predictions = [model.predict(support, queries[part], index[part, j]) for j in range(index.shape[1])]
+        prediction = combine_supports(predictions, weights[part])
         probabilities.append(prediction.probability.float())
-        uncertainty = variance_of_variants(prediction)
+        uncertainty = member_variance(prediction, weights[part])
         if uncertainty is not None:
             uncertainties.append(uncertainty)
             confidences.append(slice_confidence(prediction, uncertainty, threshold))
@@ -209,7 +246,10 @@ class VolumeSegmenter:
         self, support_image: np.ndarray, support_mask: np.ndarray, query_image: np.ndarray, same_volume: bool
     ) -> tuple[np.ndarray, np.ndarray | None, LabelReport]:
         annotated = np.flatnonzero(support_mask.any(axis=(0, 1)))
-        support_z = choose_support_slices(annotated, self.config.max_supports)
+        # in the same volume every drawn or corrected slice is a support (bounded); from another
+        # volume, a few spread over the structure (EP1)
+        count = self.config.max_volume_supports if same_volume else self.config.max_supports
+        support_z = choose_support_slices(annotated, count)
         depth = query_image.shape[2]
         if same_volume:
             q0, q1 = 0, depth - 1
@@ -218,7 +258,8 @@ class VolumeSegmenter:
             q0, q1 = query_range(annotated, support_image.shape[2], depth, self.config)
             mapping = (q0, q1, float(annotated.min()), float(annotated.max()))
         query_z = np.arange(q0, q1 + 1)
-        index = torch.from_numpy(assign_supports(query_z, support_z, mapping)).to(self.model.device)
+        nearest, weights = nearest_supports(query_z, support_z, mapping, self.config.supports_per_query)
+        index, weights = (torch.from_numpy(a).to(self.model.device) for a in (nearest, weights))
 
         support_grid = SliceGrid(*support_image.shape[:2], self.resolution)
         coverage = self._model_slices(support_mask.astype(np.float32), support_z, support_grid, "bilinear")
@@ -230,7 +271,14 @@ class VolumeSegmenter:
         with torch.inference_mode(), self.options.autocast(self.model.device):
             support = self.model.encode_support(self._model_slices(support_image, support_z, support_grid), mask)
             prob, spread, confidence = segment_slices(
-                self.model, support, queries, index, self.config.batch_size, self.progress, self.config.threshold
+                self.model,
+                support,
+                queries,
+                index,
+                self.config.batch_size,
+                self.progress,
+                self.config.threshold,
+                weights,
             )
 
         def volume_of(slices: torch.Tensor) -> np.ndarray:

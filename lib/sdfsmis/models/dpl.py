@@ -195,13 +195,14 @@ class DPL(OneShotModel):
         return PrototypeSupport(x0, variants, enhanced, condition)
 
     def encode_support(self, image: torch.Tensor, mask: torch.Tensor) -> PrototypeSupport:
-        """The K forward noises are drawn from ``config.seed``: the same support always gives the
-        same variants, hence the same masks."""
+        """The K forward noises are drawn from ``config.seed``, the same for every support row:
+        a support slice always gives the same variants, whatever other slices are supports with
+        it, so that adding a correction changes only the query slices it serves."""
         if (mask.flatten(1).sum(dim=1) == 0).any():
             raise ValueError("a support mask is empty: every support slice needs foreground")
         generator = torch.Generator().manual_seed(self.config.seed)
-        shape = (image.shape[0], self.config.variants, self.config.feature_dim)
-        noise = torch.randn(shape, generator=generator).to(self.device)
+        noise = torch.randn((self.config.variants, self.config.feature_dim), generator=generator)
+        noise = noise.to(self.device).expand(image.shape[0], -1, -1)
         return self._enhance(self.features(image), mask, noise)
 
     def predict(self, support: PrototypeSupport, query_image: torch.Tensor, index: torch.Tensor) -> Prediction:

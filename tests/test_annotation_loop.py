@@ -1,0 +1,96 @@
+"""The radiologist's loop inside one volume: every drawn or corrected slice is a support, each
+query slice is segmented from its nearest supports, a correction changes its neighbours and
+nothing far from it, and the supports are encoded once per run, not once per query slice."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sdfsmis.config import load_config
+from sdfsmis.inference import VolumeSegmenter, nearest_supports
+from sdfsmis.models import load_model
+from sdfsmis.synthetic import make_volume, write_nifti
+from sdfsmis.volume import load_volume
+
+LIVER = 1
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    image, truth, affine = make_volume(40)
+    return root, write_nifti(root / "image.nii.gz", image, affine), truth, affine
+
+
+def _segment(backbone, image_path, label: np.ndarray, affine, path, **inference) -> tuple[np.ndarray, list[int]]:
+    config = load_config(backbone=backbone)
+    config.inference = dataclasses.replace(config.inference, **inference)
+    torch.manual_seed(0)
+    model = load_model("dpl", backbone, config).eval()
+    segmenter = VolumeSegmenter(model, config.inference, progress=False)
+    label_path = write_nifti(path, label.astype(np.uint8), affine)
+    image = load_volume(image_path)
+    result = segmenter.segment(image, load_volume(label_path, label=True), image, [LIVER])
+    return result.labels, result.reports[LIVER].support_slices
+
+
+def test_a_correction_changes_its_neighbours_and_nothing_far(tiny_backbone, patient, tmp_path):
+    root, image_path, truth, affine = patient
+    organ = np.flatnonzero((truth == LIVER).any(axis=(0, 1)))
+    low, high = int(organ[len(organ) // 5]), int(organ[4 * len(organ) // 5])
+    drawn = np.zeros_like(truth)
+    for z in (low, high):
+        drawn[..., z] = truth[..., z] == LIVER
+    before, supports = _segment(tiny_backbone, image_path, drawn, affine, tmp_path / "a.nii.gz")
+    assert supports == [low, high]
+
+    corrected = (low + high) // 2  # the radiologist fixes the middle slice
+    drawn[..., corrected] = truth[..., corrected] == LIVER
+    after, supports = _segment(tiny_backbone, image_path, drawn, affine, tmp_path / "b.nii.gz")
+    assert supports == [low, corrected, high]
+    np.testing.assert_array_equal(after[..., corrected] == LIVER, truth[..., corrected] == LIVER)  # kept as drawn
+
+    changed = {int(z) for z in np.flatnonzero((before != after).any(axis=(0, 1)))}
+    depth = truth.shape[2]
+    served_by_correction = {
+        z
+        for z, (nearest,) in enumerate(nearest_supports(np.arange(depth), [low, corrected, high], (0, 1, 0, 1))[0])
+        if nearest == 1
+    }
+    assert changed and changed <= served_by_correction
+    assert len(changed) >= 0.5 * len(served_by_correction - {corrected})  # the neighbours did change
+
+
+def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, patient, tmp_path):
+    root, image_path, truth, affine = patient
+    organ = np.flatnonzero((truth == LIVER).any(axis=(0, 1)))
+    drawn = np.zeros_like(truth)
+    annotated = organ[: min(30, len(organ))]
+    for z in annotated:
+        drawn[..., z] = truth[..., z] == LIVER
+    config = load_config(backbone=tiny_backbone)
+    model = load_model("dpl", tiny_backbone, config).eval()
+    encoded, predicted = [], []
+    encode, predict = model.encode_support, model.predict
+
+    def counting_encode(image, mask):
+        encoded.append(image.shape[0])
+        return encode(image, mask)
+
+    def counting_predict(support, query, index):
+        predicted.append(query.shape[0])
+        return predict(support, query, index)
+
+    model.encode_support, model.predict = counting_encode, counting_predict
+    label_path = write_nifti(tmp_path / "thirty.nii.gz", drawn.astype(np.uint8), affine)
+    image = load_volume(image_path)
+    result = VolumeSegmenter(model, config.inference, progress=False).segment(
+        image, load_volume(label_path, label=True), image, [LIVER]
+    )
+    assert result.reports[LIVER].support_slices == [int(z) for z in annotated]
+    assert encoded == [len(annotated)]  # one batch of supports, once
+    assert sum(predicted) == truth.shape[2]  # each query slice once

@@ -404,11 +404,12 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {cpu_model()}, {torch.get_num_threads()} threads"
 
 
-def run_bench(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+def inference_options(args: argparse.Namespace) -> InferenceOptions:
+    """The command's inference options; sets the thread count at once (process-wide)."""
     switch = {"auto": None, "on": True, "off": False}
-    options = InferenceOptions(
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return InferenceOptions(
         args.precision,
         switch[args.channels_last],
         args.compile,
@@ -416,8 +417,12 @@ def run_bench(args: argparse.Namespace) -> dict:
         args.threads,
         switch[args.retain_memory],
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    options = inference_options(args)
     # process-wide, so set before anything runs: the reference gets it too
     retain_memory = options.retains_memory(device) and retain_freed_memory()
     model, config = build_model(args, device)
@@ -559,17 +564,7 @@ def run_dpl_bench(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    switch = {"auto": None, "on": True, "off": False}
-    options = InferenceOptions(
-        args.precision,
-        switch[args.channels_last],
-        args.compile,
-        args.vae_batch,
-        args.threads,
-        switch[args.retain_memory],
-    )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options = inference_options(args)
     retain_memory = options.retains_memory(device) and retain_freed_memory()  # process-wide: both methods
     sdfsmis, config = build_model(args, device)
     dpl = build_dpl(args, config, sdfsmis, device)

@@ -67,7 +67,7 @@ def test_two_process_ddp_equals_averaged_gradient_steps(tiny_backbone, tmp_path)
             single.loss(
                 single.sampler.batch(iteration * WORLD + rank, 1),
                 step_generator(single.model.device, cfg.seed, iteration, rank, WORLD),
-            )
+            )["loss"]
             for rank in range(WORLD)
         ]
         (sum(losses) / WORLD).backward()

@@ -1,7 +1,8 @@
 """The evaluation protocol against hand-computed expectations (support slices, chunks, folds,
 Setting-2 exclusion on ground truth, per-volume Dice), and ``sdfsmis evaluate`` end to end on a
 prepared look-alike CHAOS set with the tiny model and both training-free baselines, and with a
-briefly trained DPL, its ablations and the uncertainty check."""
+briefly trained DPL, its ablations and the uncertainty check; same-volume propagation against the
+nearest-slice copy on a thin-sliced set."""
 
 from __future__ import annotations
 
@@ -367,3 +368,110 @@ def test_evaluate_dpl_rows_ablations_and_uncertainty(chaos, tiny_backbone, dpl_w
     results = json.loads((paper / "results.json").read_text())
     assert [v["method"] for v in results["volumes"]] == ["dpl"] * 2 * 2
     assert all(not v.get("failed") and "slice_confidence" not in v for v in results["volumes"])
+
+
+def test_nearest_slice_copy_takes_the_nearest_annotated_mask_within_its_reach():
+    from sdfsmis.evaluation.nearest_slice import NearestSliceCopy
+
+    drawn = np.zeros((6, 6, 20), dtype=bool)
+    for n, z in enumerate((4, 8, 14)):  # a different pixel on each annotated slice
+        drawn[n, n, z] = True
+    drawn[5, 5, 0] = True  # not an annotated slice: ignored
+    copy = NearestSliceCopy().propagate(drawn, [4, 8, 14])
+    # gaps 4 and 6: median 5, half 2.5 -> reach 4 - 2.5 .. 14 + 2.5 = slices 2..16; ties go to the lower slice
+    expected_source = {**dict.fromkeys(range(2, 7), 4), **dict.fromkeys(range(7, 12), 8)}
+    expected_source.update(dict.fromkeys(range(12, 17), 14))
+    for z in range(20):
+        if z in expected_source:
+            assert np.array_equal(copy[..., z], drawn[..., expected_source[z]]), z
+        else:
+            assert not copy[..., z].any(), z
+    assert NearestSliceCopy.reach(np.array([4, 8, 14]), 15) == (2, 14)  # within the volume
+    single = NearestSliceCopy().propagate(drawn, [8])  # one slice: no gap known, nothing beyond it
+    assert np.flatnonzero(single.any(axis=(0, 1))).tolist() == [8]
+
+
+@pytest.fixture(scope="module")
+def thin_chaos(tmp_path_factory) -> PreparedDataset:
+    """Two look-alike CHAOS patients sliced at 4 mm (``sample-raw`` / ``prepare --slice-spacing``):
+    20 slices each, so that every organ has slices left after 3 are annotated."""
+    root = tmp_path_factory.mktemp("thin")
+    write_chaos(root / "raw", 2, shape=(64, 64, 10), spacing=(5.0, 5.0, 8.0), slice_spacing=4.0)
+    return prepare(
+        "chaos", root / "raw", root / "prepared", supervoxel_min_size=2000, log=lambda _: None, slice_spacing=4.0
+    )
+
+
+def test_propagation_protocol_end_to_end_against_nearest_slice_copy(thin_chaos, tiny_backbone, tmp_path):
+    from scipy.stats import spearmanr
+
+    from sdfsmis.volume import ras_spacing
+
+    first = load_volume(thin_chaos.image("chaos_01"))
+    assert first.data.shape[2] == 20 and ras_spacing(first)[2] == pytest.approx(4.0)
+    out = tmp_path / "propagation"
+    main(
+        [
+            "evaluate", "--data", str(thin_chaos.root), "--backbone", str(tiny_backbone), "--folds", "1",
+            "--protocol", "propagation", "--method", "nearest-slice,sdfsmis", "--supports-per-query", "2",
+            "--labels", "2,4", "--output", str(out),
+        ]
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    volumes = results["volumes"]
+    assert len(volumes) == 2 * 2 * 2 and not any(v.get("failed") for v in volumes)  # methods x volumes x classes
+    for v in volumes:
+        truth = load_volume(thin_chaos.label(v["case"]), label=True).data == v["label"]
+        organ = np.flatnonzero(truth.any(axis=(0, 1)))
+        drawn_z = sorted({int(organ[int(p * len(organ))]) for p in (1 / 6, 1 / 2, 5 / 6)})
+        assert v["support"] == v["case"] and v["annotated_slices"] == drawn_z
+        assert v["slice_z"] == [int(z) for z in organ if z not in drawn_z] and v["scored_slices"] == 20 - 3
+        if v["method"] == "nearest-slice":  # the copy by hand, Dice over the slices that were not annotated
+            half = np.median(np.diff(drawn_z)) / 2
+            copy = np.zeros_like(truth)
+            for z in range(20):
+                if drawn_z[0] - half <= z <= drawn_z[-1] + half:
+                    copy[..., z] = truth[..., min(drawn_z, key=lambda a: (abs(a - z), a))]
+            keep = np.ones(20, dtype=bool)
+            keep[drawn_z] = False
+            p, t = copy[..., keep], truth[..., keep]
+            assert v["dice"] == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()), abs=1e-5)
+            assert "slice_confidence" not in v
+        else:  # two supports per slice: SD-FSMIS's supports disagree -> a confidence per scored slice
+            assert len(v["slice_confidence"]) == len(v["slice_dice"]) == len(v["slice_z"])
+    summary = results["summary"]
+    versus = summary["sdfsmis"]["vs_nearest-slice"]
+    for organ, found in versus["classes"].items():
+        assert found["margin"] == pytest.approx(
+            summary["sdfsmis"]["classes"][organ]["dice"] - summary["nearest-slice"]["classes"][organ]["dice"]
+        )
+        assert found["volumes"] == 2
+    assert "vs_nearest-slice" not in summary["nearest-slice"] and "uncertainty" not in summary["nearest-slice"]
+    correlation = summary["sdfsmis"]["uncertainty"]
+    pairs = [
+        (1 - c, 1 - d)
+        for v in volumes
+        if v["method"] == "sdfsmis"
+        for d, c in zip(v["slice_dice"], v["slice_confidence"])
+    ]
+    assert correlation["all"]["slices"] == len(pairs)
+    if correlation["all"]["spearman"] is not None:
+        assert correlation["all"]["spearman"] == pytest.approx(spearmanr(*zip(*pairs)).statistic)
+    table = (out / "table.md").read_text()
+    assert "propagation protocol (3 annotated slices per organ), 4 mm slices, 1-fold" in table
+    assert "| nearest-slice copy (training-free) |" in table
+    assert (
+        "Versus nearest-slice copy (training-free)" in table
+        and "Spearman rho over the non-annotated organ slices" in table
+    )
+
+
+def test_nearest_slice_copy_is_refused_outside_propagation(thin_chaos, tmp_path):
+    args = ["evaluate", "--data", str(thin_chaos.root), "--folds", "1", "--output", str(tmp_path / "x")]
+    for protocol in ("paper", "realistic"):
+        with pytest.raises(SystemExit, match="nearest-slice runs only under --protocol propagation"):
+            main([*args, "--protocol", protocol, "--method", "nearest-slice,prototype"])
+    assert not (tmp_path / "x").exists()  # refused before any work
+    evaluator = Evaluator(thin_chaos, InferenceConfig(), "realistic")
+    with pytest.raises(ValueError, match="runs only under --protocol propagation"):
+        evaluator.run(["nearest-slice"], MethodFactory(None, None, None), 1, log=lambda _: None)

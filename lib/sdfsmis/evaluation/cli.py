@@ -16,7 +16,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from .prepare import prepare
 
     started = time.perf_counter()
-    dataset = prepare(args.kind, args.src, args.dst, _ids(args.labels), args.supervoxel_min_size, limit=args.limit)
+    dataset = prepare(
+        args.kind, args.src, args.dst, _ids(args.labels), args.supervoxel_min_size, limit=args.limit,
+        slice_spacing=args.slice_spacing,
+    )  # fmt: skip
     print(
         f"{len(dataset.cases)} {dataset.modality} volumes prepared in {dataset.root} "
         f"(test labels {dataset.test_labels}) in {time.perf_counter() - started:.1f} s"
@@ -27,7 +30,8 @@ def cmd_sample_raw(args: argparse.Namespace) -> None:
     from .lookalike import write_chaos, write_synapse
 
     writer = write_chaos if args.kind == "chaos" else write_synapse
-    path = writer(args.dir, args.patients, **({} if args.seed is None else {"seed": args.seed}))
+    options = {} if args.seed is None else {"seed": args.seed}
+    path = writer(args.dir, args.patients, slice_spacing=args.slice_spacing, **options)
     print(f"{args.patients} generated look-alike {args.kind} patients in {path}")
 
 
@@ -37,9 +41,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ..cli import _device
     from ..config import load_config
     from .dataset import PreparedDataset
-    from .harness import Evaluator
+    from .harness import Evaluator, check_methods
     from .methods import DPL_VARIANTS, METHODS, MethodFactory
-    from .metrics import summarise
+    from .metrics import margins_over, summarise
     from .report import write_reports
 
     dataset = PreparedDataset.load(args.data)
@@ -51,16 +55,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         methods = (["sdfsmis"] if args.backbone else []) + (["dpl"] if args.backbone and args.dpl_checkpoint else [])
         methods += ["prototype", "registration"]
+        methods = (["nearest-slice"] if args.protocol == "propagation" else []) + methods
+    try:
+        check_methods(args.protocol, methods)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     models = {"sdfsmis", *DPL_VARIANTS}
     config = load_config(args.config, args.backbone if models & set(methods) else None)
+    if args.supports_per_query is not None:  # > 1: SD-FSMIS's supports disagree -> a per-slice confidence
+        config.inference.supports_per_query = args.supports_per_query
     factory = MethodFactory(
         args.backbone, args.checkpoint, config, _device(args.device), args.prototype_resolution,
         args.registration_resolution, args.dpl_checkpoint,
     )  # fmt: skip
     started = time.perf_counter()
-    evaluator = Evaluator(dataset, config.inference, args.protocol)
+    evaluator = Evaluator(dataset, config.inference, args.protocol, args.annotated_slices)
     shared = {k: str(getattr(args, k)) for k in ("backbone", "checkpoint", "config", "setting", "device")}
     shared.update(prototype=args.prototype_resolution, registration=args.registration_resolution)
+    if args.supports_per_query is not None:
+        shared.update(supports_per_query=args.supports_per_query)
 
     def run_key(key: str) -> dict:  # --dpl-checkpoint defines only the DPL rows
         return {**shared, "dpl_checkpoint": str(args.dpl_checkpoint)} if key in DPL_VARIANTS else shared
@@ -70,18 +83,26 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     records, folds = evaluator.run(methods, factory, args.folds, labels, args.support_index, done=done, run_key=run_key)
     wall = time.perf_counter() - started
     summary = summarise(records)
+    margins_over(summary, records, "nearest-slice")
+    if args.protocol == "propagation":
+        from ..volume import load_volume, ras_spacing
+
+        thickness = ras_spacing(load_volume(dataset.image(dataset.cases[0])))[2]
+        protocol = f"propagation protocol ({args.annotated_slices} annotated slices per organ), {thickness:g} mm slices"
+    else:
+        protocol = f"{args.protocol} protocol"
     heading = (
         f"{dataset.name} ({dataset.modality}, {len(dataset.cases)} volumes), Setting {args.setting}, "
-        f"{args.protocol} protocol, {args.folds}-fold, 1-shot"
+        f"{protocol}, {args.folds}-fold" + (", 1-shot" if args.protocol != "propagation" else "")
         + (f", trained on {args.trained_on}" if args.trained_on else "")
-    )
+    )  # fmt: skip
     run = {
         **{k: v for k, v in vars(args).items() if k != "run"},
         "dataset": {"name": dataset.name, "modality": dataset.modality, "cases": dataset.cases},
         "wall_seconds": wall,
         "torch_threads": torch.get_num_threads(),
     }
-    table = write_reports(Path(args.output), run, folds, summary, records, heading)
+    table = write_reports(Path(args.output), run, folds, summary, records, heading, args.protocol)
     print(table)
     print(json.dumps({"output": str(args.output), "volumes": len(records), "wall_seconds": round(wall, 1)}))
 
@@ -94,6 +115,13 @@ def add_evaluation_commands(commands) -> None:
     prepare.add_argument("--labels", default=None, help="class ids to test (folder: required; default: protocol's)")
     prepare.add_argument("--supervoxel-min-size", type=int, default=5000, help="voxels (protocol: 5000)")
     prepare.add_argument("--limit", type=int, default=None, help="prepare only the first N cases")
+    prepare.add_argument(
+        "--slice-spacing",
+        type=float,
+        default=None,
+        help="resample every volume to this slice thickness in mm (default: the recipe's: CHAOS 7.70, "
+        "Synapse and folder untouched); images low-pass filtered when slices get thicker, labels nearest",
+    )
     prepare.set_defaults(run=cmd_prepare)
 
     raw = commands.add_parser("sample-raw", help="generated look-alike raw data in the CHAOS / Synapse layouts")
@@ -101,16 +129,25 @@ def add_evaluation_commands(commands) -> None:
     raw.add_argument("dir", type=Path)
     raw.add_argument("--patients", type=int, default=10)
     raw.add_argument("--seed", type=int, default=None, help="first patient's seed (default: chaos 100, synapse 200)")
+    raw.add_argument(
+        "--slice-spacing",
+        type=float,
+        default=None,
+        help="slice thickness in mm: the same patients over the same field of view, sliced thinner or thicker "
+        "(default: chaos 8, synapse 6)",
+    )
     raw.set_defaults(run=cmd_sample_raw)
 
-    evaluate = commands.add_parser("evaluate", help="few-shot evaluation over folds (paper or realistic protocol)")
+    evaluate = commands.add_parser(
+        "evaluate", help="few-shot evaluation over folds (paper, realistic or same-volume propagation protocol)"
+    )
     evaluate.add_argument("--data", required=True, type=Path, help="a prepared data set (sdfsmis prepare)")
     evaluate.add_argument(
         "--method",
         action="append",
         default=None,
         help="comma-separated, of sdfsmis, dpl, dpl-lambda0, dpl-untrained-denoiser, dpl-no-condition, prototype, "
-        "registration (default: all that can run)",
+        "registration, nearest-slice (propagation only) (default: all that can run)",
     )
     evaluate.add_argument("--backbone", default=None, help="backbone directory or 'default' (sdfsmis, dpl*)")
     evaluate.add_argument(
@@ -127,7 +164,20 @@ def add_evaluation_commands(commands) -> None:
     )
     evaluate.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
     evaluate.add_argument("--setting", type=int, default=1, choices=[1, 2], help="the setting the checkpoints used")
-    evaluate.add_argument("--protocol", default="paper", choices=["paper", "realistic"])
+    evaluate.add_argument("--protocol", default="paper", choices=["paper", "realistic", "propagation"])
+    evaluate.add_argument(
+        "--annotated-slices",
+        type=int,
+        default=3,
+        help="propagation: organ slices annotated from ground truth in each volume, spread at (2i+1)/(2N) (default 3)",
+    )
+    evaluate.add_argument(
+        "--supports-per-query",
+        type=int,
+        default=None,
+        help="inference.supports_per_query for the product path (default: the preset's); >= 2 gives SD-FSMIS a "
+        "per-slice confidence",
+    )
     evaluate.add_argument("--folds", type=int, default=5)
     evaluate.add_argument("--support-index", type=int, default=0, help="which volume of a fold is the support")
     evaluate.add_argument("--labels", default=None, help="class ids to test (default: the data set's)")

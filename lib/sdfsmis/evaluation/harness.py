@@ -9,10 +9,19 @@ protocol (RPT EP1) or the realistic one, and score every query volume.
   from the support, absolute threshold, 3-D consistency); 3-D scores over the whole volume. For
   a method with a per-slice confidence (DPL), each segmented slice's Dice and confidence are
   kept too (``slice_dice``, ``slice_confidence``), for the uncertainty check.
+- propagation: same-volume propagation, the annotation loop's first step. In every test volume of
+  a fold, a few of each organ's slices are annotated from ground truth (``annotated_slices``, 3 by
+  default, spread like EP1's supports at 1/6, 1/2, 5/6 of the organ slices) and the rest of THE
+  SAME volume is segmented through the product path (``VolumeSegmenter.segment`` with the volume
+  as its own support: every annotated slice a support, kept as drawn, nearest supports in z).
+  3-D scores over the volume without the annotated slices (false positives anywhere count), and
+  the 2-D Dice (and confidence, where the method gives one) of each non-annotated organ slice.
+  The floor is the nearest-slice copy (:mod:`.nearest_slice`), which only this protocol runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -27,11 +36,23 @@ from ..config import InferenceConfig
 from ..inference import VolumeSegmenter
 from ..volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity, ras_spacing
 from .dataset import PreparedDataset
-from .methods import Method
+from .methods import PROPAGATION_ONLY, Method
 from .metrics import score_volume
-from .protocol import chunk_index, make_folds, organ_slices, support_slices
+from .nearest_slice import NearestSliceCopy
+from .protocol import SHOTS, annotated_slices, chunk_index, make_folds, organ_slices, support_slices
 
-PROTOCOLS = ("paper", "realistic")
+PROTOCOLS = ("paper", "realistic", "propagation")
+
+
+def check_methods(protocol: str, methods: list[str]) -> None:
+    """A method that copies the volume's own annotation (nearest-slice) cannot run a protocol
+    that segments another patient's volume: say so before any work."""
+    only = [m for m in methods if m in PROPAGATION_ONLY]
+    if only and protocol != "propagation":
+        raise ValueError(
+            f"method {', '.join(only)} runs only under --protocol propagation: it copies the query volume's own "
+            f"annotated slices, and the {protocol} protocol segments a volume that has none"
+        )
 
 
 def largest_component_per_slice(mask: np.ndarray) -> np.ndarray:
@@ -81,10 +102,15 @@ def _load_case(dataset: PreparedDataset, name: str, clip: tuple[float, float]) -
 
 
 class Evaluator:
-    def __init__(self, dataset: PreparedDataset, inference: InferenceConfig, protocol: str = "paper"):
+    def __init__(
+        self, dataset: PreparedDataset, inference: InferenceConfig, protocol: str = "paper", annotated: int = SHOTS
+    ):
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+        if annotated < 1:
+            raise ValueError(f"annotated slices must be at least 1, got {annotated}")
         self.dataset, self.inference, self.protocol = dataset, inference, protocol
+        self.annotated = annotated  # propagation: organ slices annotated from ground truth
 
     def _slices(self, method: Method, data: np.ndarray, z, pad: float = -1.0) -> torch.Tensor:
         grid = SliceGrid(*data.shape[:2], method.model.resolution)
@@ -153,11 +179,52 @@ class Evaluator:
             scores["slice_confidence"] = list(report.confidence)
         return scores
 
-    def _fold_records(self, method: Method, key: str, fold, support: Case, queries: list[Case], labels, log):
+    def propagation(self, method: Method, query: Case, label_id: int) -> dict | None:
+        """Same-volume propagation in one volume: the organ's annotated slices from ground truth,
+        the rest segmented; None when the organ is absent or every organ slice is annotated."""
+        truth = query.label.data == label_id
+        drawn_z = annotated_slices(query.label.data, label_id, self.annotated)
+        rest = [int(z) for z in organ_slices(query.label.data, label_id) if z not in drawn_z]
+        if not rest:
+            return None
+        drawn = np.zeros_like(truth)
+        drawn[..., drawn_z] = truth[..., drawn_z]
+        confidence = None
+        if isinstance(method.model, NearestSliceCopy):
+            started = time.perf_counter()
+            prediction = method.model.propagate(drawn, drawn_z)
+            seconds = time.perf_counter() - started
+            reach = method.model.reach(np.asarray(drawn_z), truth.shape[2])
+        else:  # the product path: the volume is its own support (same file: same-volume mode)
+            support = dataclasses.replace(query.label, data=np.where(drawn, label_id, 0).astype(query.label.data.dtype))
+            segmenter = VolumeSegmenter(method.model, self.inference, progress=False)
+            with torch.inference_mode():
+                result = segmenter.segment(query.image, support, query.image, [label_id])
+            prediction, seconds, report = result.labels == label_id, result.seconds, result.reports[label_id]
+            reach = (min(report.query_slices), max(report.query_slices))
+            if report.confidence is not None:
+                confidence = dict(zip(report.query_slices, report.confidence))
+        scored = np.ones(truth.shape[2], dtype=bool)
+        scored[drawn_z] = False  # the annotated slices are the user's, not the method's
+        scores = {
+            **score_volume(prediction & scored, truth & scored, ras_spacing(query.image)),
+            "slices": int(truth.shape[2]),
+            "seconds": seconds,
+            "annotated_slices": drawn_z,
+            "scored_slices": int(scored.sum()),
+            "query_slices": [int(reach[0]), int(reach[1])],
+            "slice_z": rest,  # the non-annotated organ slices, for the per-slice figures below
+            "slice_dice": slice_dice(prediction, truth, rest),
+        }
+        if confidence is not None:
+            scores["slice_confidence"] = [confidence[z] for z in rest]
+        return scores
+
+    def _fold_records(self, method: Method, key: str, fold, support: Case | None, queries: list[Case], labels, log):
         """One method's records on one fold; a failure on a (volume, class) is a record with the reason."""
         records = []
         for label_id in labels:
-            if not (support.label.data == label_id).any():
+            if support is not None and not (support.label.data == label_id).any():
                 log(f"fold {fold.index}: support {fold.support} has no label {label_id}: class skipped")
                 continue
             base = {"method": key, "title": method.title, "fold": fold.index, "support": fold.support}
@@ -169,21 +236,27 @@ class Evaluator:
             for query in queries:
                 if not (query.label.data == label_id).any():
                     continue
+                where = {"case": query.name, **({"support": query.name} if support is None else {})}
                 try:
                     if isinstance(encoded, Exception):
                         raise encoded
                     if self.protocol == "paper":
                         scores = self.paper(method, query, label_id, encoded)
+                    elif self.protocol == "propagation":
+                        scores = self.propagation(method, query, label_id)
                     else:
                         scores = self.realistic(method, support, query, label_id)
                 except Exception as error:  # noqa: BLE001
                     reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-                    records.append({**base, "case": query.name, "failed": reason})
+                    records.append({**base, **where, "failed": reason})
                     log(f"fold {fold.index} {key:12s} {base['organ']:14s} {query.name}: FAILED ({reason})")
+                    continue
+                if scores is None:  # propagation: every organ slice annotated, nothing left to segment
+                    log(f"fold {fold.index} {key:12s} {base['organ']:14s} {query.name}: no organ slice left to score")
                     continue
                 record = {
                     **base,
-                    "case": query.name,
+                    **where,
                     **scores,
                     "seconds_per_slice": scores["seconds"] / max(scores["slices"], 1),
                 }
@@ -210,8 +283,10 @@ class Evaluator:
         (a folder), each finished (fold, method) is kept there and not recomputed on a restart of the
         same run (``run_key``: what else defines it, e.g. the checkpoint; or a function of the
         method's key giving that, so that an option one method uses does not redo the others)."""
+        check_methods(self.protocol, methods)
         labels = labels or self.dataset.test_labels
         clip = self.inference.clip_percentiles
+        same_volume = self.protocol == "propagation"  # every test volume is a query, no support volume
         records, fold_info = [], []
         for fold in make_folds(self.dataset.cases, folds, support_index):
             fold_info.append({"fold": fold.index, "cases": fold.cases, "support": fold.support})
@@ -219,14 +294,16 @@ class Evaluator:
             for key in methods:
                 extra = run_key(key) if callable(run_key) else run_key or {}
                 identity = {"protocol": self.protocol, "labels": list(labels), **fold_info[-1], **extra}
+                if same_volume:
+                    identity["annotated_slices"] = self.annotated
                 kept = done / f"fold{fold.index}_{key}.json" if done else None
                 if kept and kept.is_file() and (saved := json.loads(kept.read_text()))["identity"] == identity:
                     log(f"fold {fold.index} {key}: finished in an earlier run ({kept})")
                     records += saved["records"]
                     continue
-                if support is None:
-                    support = _load_case(self.dataset, fold.support, clip)
-                    queries = [_load_case(self.dataset, name, clip) for name in fold.queries]
+                if queries is None:
+                    support = None if same_volume else _load_case(self.dataset, fold.support, clip)
+                    queries = [_load_case(self.dataset, n, clip) for n in (fold.cases if same_volume else fold.queries)]
                 method = factory(key, fold.index)
                 found = self._fold_records(method, key, fold, support, queries, labels, log)
                 records += found

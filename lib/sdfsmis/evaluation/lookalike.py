@@ -24,14 +24,31 @@ CHAOS_PNG_VALUES = {1: 63, 2: 126, 3: 189, 4: 252}
 SYNAPSE_IDS = {1: 6, 2: 2, 3: 3, 4: 1}
 
 
+def resliced(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], slice_spacing: float | None
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """The grid of the same field of view at another slice thickness: the generated anatomy is
+    defined in units of the field of view (:mod:`sdfsmis.synthetic`), so each seed keeps its
+    patient, sampled by more (thinner) or fewer (thicker) slices."""
+    if slice_spacing is None:
+        return shape, spacing
+    if slice_spacing <= 0:
+        raise ValueError(f"slice spacing must be positive, got {slice_spacing}")
+    depth = max(1, int(round(shape[2] * spacing[2] / slice_spacing)))
+    return (shape[0], shape[1], depth), (spacing[0], spacing[1], shape[2] * spacing[2] / depth)
+
+
 def write_chaos(
     root: str | Path,
     patients: int,
     seed: int = 100,
     shape: tuple[int, int, int] = (96, 96, 20),
     spacing: tuple[float, float, float] = (3.5, 3.5, 8.0),
+    slice_spacing: float | None = None,
 ) -> Path:
-    """``patients`` look-alike CHAOS T2-SPIR patients under ``root``; returns the MR folder."""
+    """``patients`` look-alike CHAOS T2-SPIR patients under ``root``; returns the MR folder.
+    ``slice_spacing``: the same patients sliced at that thickness (see :func:`resliced`)."""
+    shape, spacing = resliced(shape, spacing, slice_spacing)
     mr = Path(root) / "CHAOS_Train_Sets" / "Train_Sets" / "MR"
     for n, patient in enumerate(CHAOS_IDS[:patients]):
         image, label, affine = make_volume(seed + n, shape, spacing, modality="MR", orientation="LPS")
@@ -55,8 +72,11 @@ def write_synapse(
     seed: int = 200,
     shape: tuple[int, int, int] = (128, 128, 24),
     spacing: tuple[float, float, float] = (3.0, 3.0, 6.0),
+    slice_spacing: float | None = None,
 ) -> Path:
-    """``patients`` look-alike Synapse CT cases under ``root``; returns RawData/Training."""
+    """``patients`` look-alike Synapse CT cases under ``root``; returns RawData/Training.
+    ``slice_spacing``: the same patients sliced at that thickness (see :func:`resliced`)."""
+    shape, spacing = resliced(shape, spacing, slice_spacing)
     training = Path(root) / "RawData" / "Training"
     lut = np.zeros(256, dtype=np.uint8)
     for synthetic_id, synapse_id in SYNAPSE_IDS.items():

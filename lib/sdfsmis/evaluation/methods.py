@@ -2,7 +2,8 @@
 :class:`sdfsmis.models.base.OneShotModel` (``encode_support`` / ``predict`` -> ``Prediction``,
 ``resolution``, ``device``): SD-FSMIS, DPL and DPL's ablations (loaded with
 :func:`sdfsmis.models.load_model`) or a training-free baseline, plus the paper protocol's decision
-rule of that method."""
+rule of that method. The nearest-slice copy (``nearest-slice``) has no model: it is the floor of
+same-volume propagation and runs only under that protocol."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import PrototypeMatcher, RegistrationPropagation
+from .nearest_slice import NearestSliceCopy
 
 #: DPL and its ablations (../shared/docs/dpl.md "Ablations worth printing"), all from the same
 #: fold weights, changed after loading: lambda 0 (config.dpl.fusion_lambda = 0: the plain ADNet
@@ -25,14 +27,17 @@ DPL_VARIANTS = {
     "dpl-untrained-denoiser": "DPL, untrained denoiser",
     "dpl-no-condition": "DPL, no spatial condition",
 }
-METHODS = ("sdfsmis", *DPL_VARIANTS, "prototype", "registration")
+METHODS = ("sdfsmis", *DPL_VARIANTS, "prototype", "registration", "nearest-slice")
+#: Methods that only the same-volume ``propagation`` protocol can run (they copy the volume's own
+#: annotation; from another patient's volume there is nothing to copy).
+PROPAGATION_ONLY = ("nearest-slice",)
 
 
 @dataclass
 class Method:
     key: str
     title: str
-    model: Any
+    model: Any  # a one-shot model, or NearestSliceCopy (its own ``propagate``, no model)
     threshold: float = 0.5
     relative_threshold: float | None = None  # paper rule: fraction of the chunk's maximum
     largest_per_slice: bool = False  # paper rule: keep the largest 2-D component of each slice
@@ -83,6 +88,8 @@ class MethodFactory:
             return Method(key, PrototypeMatcher.title, PrototypeMatcher(self.prototype_resolution))
         if key == "registration":
             return Method(key, RegistrationPropagation.title, RegistrationPropagation(self.registration_resolution))
+        if key == "nearest-slice":
+            return Method(key, NearestSliceCopy.title, NearestSliceCopy())
         if key != "sdfsmis" and key not in DPL_VARIANTS:
             raise ValueError(f"unknown method {key!r} (known: {', '.join(METHODS)})")
         from ..models import load_model, method_class

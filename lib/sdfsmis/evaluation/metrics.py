@@ -48,10 +48,11 @@ def _spearman(uncertainty: list[float], error: list[float]) -> dict:
 
 def uncertainty_correlation(records: list[dict]) -> dict | None:
     """Per class and over all classes: Spearman's rho between a slice's uncertainty (1 - its
-    confidence) and its error (1 - its 2-D Dice), over the segmented query slices of every query
-    volume and fold (realistic protocol). Slices where both the prediction and the truth are empty
-    are left out (no Dice). Positive: the less confident slices are the worse ones. None for
-    records without per-slice confidence."""
+    confidence) and its error (1 - its 2-D Dice), over the slices each record lists (realistic
+    protocol: the segmented query slices; propagation: the non-annotated organ slices) of every
+    query volume and fold; the same rho as between confidence and Dice. Slices where both the
+    prediction and the truth are empty are left out (no Dice). Positive: the less confident slices
+    are the worse ones. None for records without per-slice confidence."""
     pairs: dict = defaultdict(lambda: ([], []))
     for r in records:
         if r.get("failed") or r.get("slice_confidence") is None:
@@ -109,3 +110,32 @@ def summarise(records: list[dict]) -> dict:
         if correlation is not None:
             summary[method]["uncertainty"] = correlation
     return summary
+
+
+def margins_over(summary: dict, records: list[dict], baseline: str) -> None:
+    """Each other method of ``summary`` against ``baseline`` (propagation: the nearest-slice
+    copy), per class: ``margin`` = its class Dice minus the baseline's (both means over volumes,
+    then folds), ``better`` = the query volumes where its Dice is higher, of ``volumes`` scored by
+    both. Added in place as ``summary[method]["vs_" + baseline]``; nothing without the baseline."""
+    if baseline not in summary:
+        return
+    dice: dict = defaultdict(dict)
+    for r in records:
+        if not r.get("failed"):
+            dice[r["method"]][(r["fold"], r["case"], r["organ"])] = r["dice"]
+    floor = summary[baseline]["classes"]
+    for method, result in summary.items():
+        if method == baseline:
+            continue
+        classes = {}
+        for organ, found in result["classes"].items():
+            if found["dice"] is None or floor.get(organ, {}).get("dice") is None:
+                continue
+            pairs = [(d, dice[baseline][k]) for k, d in dice[method].items() if k[2] == organ and k in dice[baseline]]
+            classes[organ] = {
+                "margin": found["dice"] - floor[organ]["dice"],
+                "better": sum(mine > theirs for mine, theirs in pairs),
+                "volumes": len(pairs),
+            }
+        mean = [c["margin"] for c in classes.values()]
+        result[f"vs_{baseline}"] = {"classes": classes, "mean": float(np.mean(mean)) if mean else None}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -42,7 +42,8 @@ SYNAPSE_TEST_LABELS = [1, 2, 3, 6]
 class Preprocessing:
     """One data set's recipe. ``fit='crop'``: centre-crop (or pad) in-plane to ``size`` after
     resampling to ``spacing``; ``fit='resize'``: pad to a square and resample in-plane to
-    ``size`` x ``size`` (z untouched)."""
+    ``size`` x ``size`` (z untouched). ``slice_spacing`` (``prepare --slice-spacing``) replaces the
+    slice thickness of either: e.g. the same patients at another slice thickness."""
 
     window: tuple[float, float] | None = None  # CT window in HU
     clip_top: float | None = None  # percent of the histogram clipped at the top
@@ -50,6 +51,7 @@ class Preprocessing:
     border: float = 0.0  # fraction of each in-plane side cropped first (Synapse: 32 px of 512)
     size: int = 256
     fit: str = "crop"
+    slice_spacing: float | None = None  # target slice thickness in mm, for either fit
 
 
 CHAOS_RECIPE = Preprocessing(clip_top=0.5, spacing=(1.25, 1.25, 7.70), fit="crop")
@@ -113,7 +115,10 @@ def preprocess(
         label, ras = crop_or_pad(label, ras, border, inner, 0)
     spacing = np.linalg.norm(ras[:3, :3], axis=0)
     if recipe.fit == "crop":
-        ratio = np.asarray(recipe.spacing or spacing) / spacing
+        target = np.array(recipe.spacing or spacing, dtype=float)
+        if recipe.slice_spacing:
+            target[2] = recipe.slice_spacing
+        ratio = target / spacing
         shape = tuple(max(1, int(round(n / r))) for n, r in zip(image.shape, ratio))
         image, _ = resample(image, ras, ratio, shape, order=1)
         label, ras = resample(label, ras, ratio, shape, order=0)
@@ -123,8 +128,8 @@ def preprocess(
         start = tuple((n - side) // 2 for n in image.shape[:2])
         image, _ = crop_or_pad(image, ras, start, (side, side), fill)
         label, ras = crop_or_pad(label, ras, start, (side, side), 0)
-        ratio = np.array([side / recipe.size, side / recipe.size, 1.0])
-        shape = (recipe.size, recipe.size, image.shape[2])
+        ratio = np.array([side / recipe.size, side / recipe.size, (recipe.slice_spacing or spacing[2]) / spacing[2]])
+        shape = (recipe.size, recipe.size, max(1, int(round(image.shape[2] / ratio[2]))))
         image, _ = resample(image, ras, ratio, shape, order=1)
         label, ras = resample(label, ras, ratio, shape, order=0)
         start = (0, 0)
@@ -241,8 +246,10 @@ def prepare(
     supervoxel_min_size: int = 5000,
     limit: int | None = None,
     log: Callable[[str], None] = print,
+    slice_spacing: float | None = None,
 ) -> PreparedDataset:
-    """Prepare a whole data set (``kind`` chaos, synapse or folder) into ``dst``."""
+    """Prepare a whole data set (``kind`` chaos, synapse or folder) into ``dst``; ``slice_spacing``
+    (mm) resamples every volume to that slice thickness instead of the recipe's."""
     src, dst = Path(src), Path(dst)
     if kind == "chaos":
         cases, recipe, labels, modality = _chaos_cases(src), CHAOS_RECIPE, CHAOS_LABELS, "MR"
@@ -256,6 +263,10 @@ def prepare(
         cases, recipe, labels, modality = _folder_cases(src), FOLDER_RECIPE, _folder_names(src, test_labels), "unknown"
     else:
         raise ValueError(f"unknown data set kind {kind!r}")
+    if slice_spacing is not None:
+        if slice_spacing <= 0:
+            raise ValueError(f"--slice-spacing must be positive, got {slice_spacing}")
+        recipe = replace(recipe, slice_spacing=float(slice_spacing))
     names = []
     for name, read in cases:
         if limit is not None and len(names) >= limit:

@@ -52,6 +52,13 @@ def support_slices(label: np.ndarray, label_id: int, shots: int = SHOTS) -> list
     return [int(z) for z in organ[(fractions * organ.size).astype(int)]]
 
 
+def annotated_slices(label: np.ndarray, label_id: int, count: int = SHOTS) -> list[int]:
+    """Same-volume propagation: the organ slices a user is taken to have drawn, spread like EP1's
+    supports at (2i + 1) / (2 count) of the C organ slices (``int(p * C)``), without repeats. When
+    the organ spans ``count`` slices or fewer, every one of them is annotated."""
+    return sorted(set(support_slices(label, label_id, count)))
+
+
 def chunk_index(count: int, parts: int) -> np.ndarray:
     """For ``count`` query organ slices, the support index (chunk) of each: the slices are split
     into ``parts`` equal chunks at ``linspace(0, count, parts + 1).astype(int)``, as EP1 does."""

@@ -1,6 +1,7 @@
 """The three outputs of an evaluation: ``results.json`` (run settings, folds, summary and every
 per-volume figure), ``per_volume.csv`` (the same figures, one row per query volume and class) and
-``table.md`` (laid out like the paper's Table 1: methods x organs + mean, Dice %)."""
+``table.md`` (laid out like the paper's Table 1: methods x organs + mean, Dice %; under the
+propagation protocol a second table gives each method's margin over the nearest-slice copy)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,25 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value * scale:.{digits}f}"
 
 
-def markdown_table(summary: dict, titles: dict[str, str], heading: str) -> str:
+#: Propagation: what the table scores, and the baseline every method is compared with.
+PROPAGATION_SCOPE = (
+    "Propagation: in each volume, a few slices of the organ are annotated from ground truth and the rest of the "
+    "same volume is segmented; scores over the volume without the annotated slices."
+)
+FLOOR = "nearest-slice"
+SLICES = {
+    "propagation": "the non-annotated organ slices",
+    None: "the segmented query slices (both empty left out)",
+}
+
+
+def markdown_table(summary: dict, titles: dict[str, str], heading: str, protocol: str | None = None) -> str:
     organs = _organs(summary)
     names = [o.replace("_", " ").capitalize() for o in organs]
     lines = [
         f"### {heading}",
         "",
+        *([PROPAGATION_SCOPE] if protocol == "propagation" else []),
         "Dice (%): mean over query volumes of the per-volume 3-D Dice, then mean over folds. "
         "HD95 / ASSD (mm): mean over organs. s / slice: method time per query slice.",
         "",
@@ -56,11 +70,40 @@ def markdown_table(summary: dict, titles: dict[str, str], heading: str) -> str:
             where = ", ".join(f"{n} {organ}" for organ, n in failed.items())
             notes.append(f"{titles[key]}: FAILED on {where} (not scored; reasons in results.json / per_volume.csv).")
         if result.get("uncertainty"):
-            notes.append(f"{titles[key]}: {uncertainty_line(result['uncertainty'], organs)}")
-    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+            notes.append(f"{titles[key]}: {uncertainty_line(result['uncertainty'], organs, SLICES.get(protocol))}")
+        elif protocol == "propagation" and key != FLOOR:
+            notes.append(f"{titles[key]}: no per-slice confidence, no rank check.")
+    lines += [""] + [f"- {n}" for n in notes] if notes else []
+    if any(f"vs_{FLOOR}" in r for r in summary.values()):
+        lines += ["", *margin_table(summary, titles, organs)]
+    return "\n".join(lines) + "\n"
 
 
-def uncertainty_line(correlation: dict, organs: list[str]) -> str:
+def margin_table(summary: dict, titles: dict[str, str], organs: list[str]) -> list[str]:
+    """Each method's class Dice minus the nearest-slice copy's, in points, with the query volumes
+    where it beats the copy."""
+    names = [o.replace("_", " ").capitalize() for o in organs]
+    lines = [
+        f"Versus {titles.get(FLOOR, FLOOR)}: class Dice minus the copy's, in Dice points (negative: the copy is "
+        "better); in brackets, the query volumes where the method's Dice is higher, of those both scored.",
+        "",
+        "| Method | " + " | ".join(names) + " | Mean |",
+        "| --- | " + " | ".join("---:" for _ in range(len(names) + 1)) + " |",
+    ]
+    for key, result in summary.items():
+        versus = result.get(f"vs_{FLOOR}")
+        if versus is None:
+            continue
+        cells = []
+        for organ in organs:
+            c = versus["classes"].get(organ)
+            cells.append("n/a" if c is None else f"{c['margin'] * 100:+.2f} ({c['better']}/{c['volumes']})")
+        mean = "n/a" if versus["mean"] is None else f"**{versus['mean'] * 100:+.2f}**"
+        lines.append(f"| {titles[key]} | " + " | ".join(cells) + f" | {mean} |")
+    return lines
+
+
+def uncertainty_line(correlation: dict, organs: list[str], slices: str | None = None) -> str:
     """The uncertainty check in words: Spearman's rho per class and over all classes."""
     parts = [
         f"{organ.replace('_', ' ')} {_fmt(correlation['classes'][organ]['spearman'])}"
@@ -69,13 +112,15 @@ def uncertainty_line(correlation: dict, organs: list[str]) -> str:
     ]
     everything = correlation["all"]
     return (
-        "uncertainty (1 - slice confidence) vs slice error (1 - 2-D Dice), Spearman rho over the segmented "
-        f"query slices (both empty left out): {', '.join(parts)}; all classes {_fmt(everything['spearman'])} "
+        "uncertainty (1 - slice confidence) vs slice error (1 - 2-D Dice), Spearman rho over "
+        f"{slices or SLICES[None]}: {', '.join(parts)}; all classes {_fmt(everything['spearman'])} "
         f"({everything['slices']} slices)."
     )
 
 
-def write_reports(output: Path, run: dict, folds: list[dict], summary: dict, records: list[dict], heading: str):
+def write_reports(
+    output: Path, run: dict, folds: list[dict], summary: dict, records: list[dict], heading: str, protocol=None
+):
     output.mkdir(parents=True, exist_ok=True)
     titles = {r["method"]: r["title"] for r in records}
     (output / "results.json").write_text(
@@ -85,6 +130,6 @@ def write_reports(output: Path, run: dict, folds: list[dict], summary: dict, rec
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
-    table = markdown_table(summary, titles, heading)
+    table = markdown_table(summary, titles, heading, protocol)
     (output / "table.md").write_text(table)
     return table

@@ -3,10 +3,13 @@
 # CHAOS (DICOM + PNG) and Synapse (NIfTI) patients -> `sdfsmis prepare` -> per-fold training of
 # the tiny SD-FSMIS and DPL models (Setting 1; SETTINGS="1 2" on data that allows Setting 2) ->
 # `sdfsmis evaluate` (paper and realistic protocols, tiny SD-FSMIS, DPL and its ablations, both
-# training-free baselines) and cross-domain (CT -> MRI, MRI -> CT).
+# training-free baselines), cross-domain (CT -> MRI, MRI -> CT) and same-volume propagation
+# against the nearest-slice copy, at the prepared slice thickness and on the same patients sliced
+# about twice as thin.
 # Tables: $OUT/tables.md (docs/evaluation.md shows one run). Knobs: OUT, PATIENTS, FOLDS,
 # ITERATIONS, DPL (1: with DPL, 0: without), DPL_ITERATIONS, SETTINGS, EXCLUSION_RULE
-# (Setting 2: any|all), PROTOCOLS, OMP_NUM_THREADS.
+# (Setting 2: any|all), PROTOCOLS, PROPAGATION (1: the propagation step, 0: without),
+# PROPAGATION_FOLDS, PROPAGATION_METHODS, OMP_NUM_THREADS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash apps/setup.sh
@@ -25,12 +28,19 @@ DPL_METHODS=dpl,dpl-lambda0,dpl-untrained-denoiser,dpl-no-condition
 SETTINGS="${SETTINGS:-1}"
 EXCLUSION_RULE="${EXCLUSION_RULE:-any}"
 PROTOCOLS="${PROTOCOLS:-paper realistic}"
+PROPAGATION="${PROPAGATION:-1}"
+PROPAGATION_FOLDS="${PROPAGATION_FOLDS:-$FOLDS}"
+PROPAGATION_METHODS="${PROPAGATION_METHODS:-nearest-slice,prototype,sdfsmis,dpl}"
 BACKBONE="$OUT/tiny"
 declare -A NAME=([chaos]="Abd-MRI look-alike" [synapse]="Abd-CT look-alike")
 declare -A OTHER=([chaos]=synapse [synapse]=chaos)
 # Supervoxel size per data set: the tiny model (64 x 64) needs >= 100 px of a pseudo-label on two
 # adjacent slices; Synapse's thinner slices split 2000-voxel supervoxels too thinly for that.
 declare -A SUPERVOXELS=([chaos]=2000 [synapse]=5000)
+# Propagation's second slice thickness (mm): the same look-alike patients sliced thinner (raw CHAOS
+# 8 mm, prepared at 7.7; raw Synapse 6 mm). Thicker slices would leave the kidneys 3 slices, all
+# of them annotated.
+declare -A THIN=([chaos]=4 [synapse]=3)
 
 [ -f "$BACKBONE/sdfsmis.yaml" ] || sdfsmis make-tiny "$BACKBONE" --fit-vae 200
 for kind in chaos synapse; do
@@ -89,6 +99,25 @@ for kind in chaos synapse; do
   evaluate "$kind" 1 paper "$(with_dpl sdfsmis)" "$OUT/ckpt/$other-all/sdfsmis.safetensors" "$kind-cross-domain-paper" \
     --dpl-checkpoint "$OUT/ckpt/$other-all-dpl/dpl.safetensors" --trained-on "${NAME[$other]} (cross-domain)"
 done
+
+# Same-volume propagation (issue 15 item 5): 3 annotated slices per organ, the rest of the volume
+# segmented, every method against the nearest-slice copy; the fold models of Setting 1 (trained on
+# the prepared thickness: the thin volumes are the same patients, so the folds hold out the same
+# ones). Two supports per slice give SD-FSMIS a per-slice confidence for the rank check.
+if [ "$PROPAGATION" = 1 ]; then
+  for kind in chaos synapse; do
+    thin="$kind-${THIN[$kind]}mm"
+    [ -d "$OUT/raw/$thin" ] ||
+      sdfsmis sample-raw "$kind" "$OUT/raw/$thin" --patients "$PATIENTS" --slice-spacing "${THIN[$kind]}"
+    [ -f "$OUT/data/$thin/dataset.json" ] || sdfsmis prepare "$kind" "$OUT/raw/$thin" "$OUT/data/$thin" \
+      --supervoxel-min-size "${SUPERVOXELS[$kind]}" --slice-spacing "${THIN[$kind]}"
+    for data in "$kind" "$thin"; do
+      evaluate "$data" 1 propagation "$PROPAGATION_METHODS" "$OUT/ckpt/$kind-s1/fold{fold}/sdfsmis.safetensors" \
+        "$data-propagation" --dpl-checkpoint "$OUT/ckpt/$kind-s1-dpl/fold{fold}/dpl.safetensors" \
+        --folds "$PROPAGATION_FOLDS" --supports-per-query 2
+    done
+  done
+fi
 
 : > "$OUT/tables.md"
 for table in "$OUT"/results/*/table.md; do cat "$table" >> "$OUT/tables.md"; echo >> "$OUT/tables.md"; done

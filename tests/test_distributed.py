@@ -108,9 +108,11 @@ def test_two_process_ddp_equals_averaged_gradient_steps(method, tiny_backbone, t
     infos = [json.loads((results / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
     assert [info["world_size"] for info in infos] == [WORLD, WORLD]
     assert infos[0]["first_query_sum"] != infos[1]["first_query_sum"]  # different episodes per rank
-    # rank 0 alone wrote the log (one loss record + one validation record) and the checkpoint
+    # rank 0 alone wrote the log (one loss record + one validation record), the TensorBoard events
+    # and the validation montage, and the checkpoint
     log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
     assert [record["iteration"] for record in log] == [ITERATIONS, ITERATIONS]
+    assert len(list(output.glob("events.out.tfevents.*"))) == 1 and (output / "validation_montage.png").is_file()
     published = load_file(output / single.model.weights_name)
     assert published.keys() == rank0.keys()
     assert all(torch.equal(value, rank0[name]) for name, value in published.items())

@@ -89,7 +89,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     summary = train(run)
     if summary["world_size"] == 1 or os.environ.get("RANK") == "0":  # under torchrun: rank 0 reports
+        if args.plot:
+            from .figures.curves import plot_training_curves
+
+            summary["training_curves"] = str(plot_training_curves(run.output))
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+
+
+def cmd_report_train(args: argparse.Namespace) -> None:
+    from .figures.curves import plot_training_curves
+
+    print(f"training curves written to {plot_training_curves(args.dir, args.output)}")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -138,6 +148,11 @@ def cmd_infer(args: argparse.Namespace) -> None:
         summary["review_slices"] = {str(k): v for k, v in result.review_slices(query).items()}
     if args.uncertainty:
         summary["uncertainty"] = str(query.save_map(result.uncertainty, args.uncertainty))
+    if args.preview:
+        from .figures.preview import write_preview
+
+        title = f"{args.image.name}: {args.method}, support {args.support_image.name}"
+        summary["preview"] = str(write_preview(args.preview, support_image, support_label, query, result, title))
     print(json.dumps(summary, indent=2))
 
 
@@ -191,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--supervoxel-min-size", default=None, help="voxels, or 'auto' (default): from voxel size and min-foreground"
     )
+    training.add_argument("--plot", action="store_true", help="then draw OUTPUT/training_curves.png from the log")
     training.set_defaults(run=cmd_train)
+
+    curves = commands.add_parser("report-train", help="training curves (PNG) from a training folder's train_log.jsonl")
+    curves.add_argument("dir", type=Path, help="a training output folder")
+    curves.add_argument("--output", type=Path, default=None, help="default: DIR/training_curves.png")
+    curves.set_defaults(run=cmd_report_train)
 
     download = commands.add_parser("download", help="fetch SD v1.5 (vae, unet) + DINOv2-small")
     download.add_argument("dir")
@@ -219,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="dpl: write the voxel uncertainty map (NIfTI) in the query's geometry",
+    )
+    infer.add_argument(
+        "--preview",
+        type=Path,
+        default=None,
+        help="write a PNG montage: support slices with their mask, query slices with the prediction (and uncertainty)",
     )
     infer.set_defaults(run=cmd_infer)
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoints import publish, read_state, resume, write_checkpoint
 from .config import SDFSMISConfig, TrainingConfig
 from .episodes import Episode, EpisodeSampler, NoEpisodes, TrainingVolume
+from .figures.board import MONTAGE_EPISODES, TrainingBoard
 from .models import OneShotModel, load_model
 from .volume import VolumeError
 from .weights import load_weights
@@ -249,19 +250,23 @@ class Trainer:
         return volumes
 
     @torch.no_grad()
-    def validate(self, sampler: EpisodeSampler) -> float:
-        """Mean one-shot Dice over fixed, unaugmented episodes."""
+    def validate(self, sampler: EpisodeSampler, show: int = 0) -> tuple[float, list]:
+        """Mean one-shot Dice over fixed, unaugmented episodes, and the first ``show`` of them as
+        (episode, predicted mask, Dice) for the validation montage."""
         self.model.eval()
-        scores = []
+        scores, shown = [], []
         threshold = self.run.config.inference.threshold
         for i in range(self.run.config.training.validation_episodes):
             e = sampler.episode(i)
             device = self.model.device
             support = self.model.encode_support(e.support_image.to(device), e.support_mask.to(device))
             probability = self.model.segment(support, e.query_image.to(device))
-            scores.append(dice((probability >= threshold).float().cpu(), e.query_mask))
+            predicted = (probability >= threshold).float().cpu()
+            scores.append(dice(predicted, e.query_mask))
+            if i < show:
+                shown.append((e, predicted, scores[-1]))
         self.model.train()
-        return float(np.mean(scores))
+        return float(np.mean(scores)), shown
 
     @property
     def is_main(self) -> bool:
@@ -283,6 +288,7 @@ class Trainer:
         best = state.get("best_dice", -1.0) if state else -1.0
         if state and self.is_main:
             print(f"resumed from iteration {start} ({run.output / 'last'})")
+        self.board = TrainingBoard(run.output, run.method, start + 1 if state else None) if self.is_main else None
         self.model.train()
         device = self.model.device
         stream = EpisodeStream(self.sampler, run.batch_size, self.rank, self.world)
@@ -316,9 +322,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", it_s=f"{rate:.2f}")
                 if self.is_main:
                     self._log({"iteration": step, **terms, "it_per_s": rate})
+                    self.board.step(step, terms, rate, self.optimizer)
             if is_checkpoint and self.is_main:
                 best = self._checkpoint(step, best)
         if self.is_main:
+            self.board.close()
             publish(run.output / "last" / self.model.weights_name, run.output / self.model.weights_name)
         if self.world > 1:
             dist.barrier()  # every rank returns with rank 0's checkpoint in place
@@ -341,12 +349,14 @@ class Trainer:
         record = {"iteration": step, "seed": cfg.seed, "best_dice": best}
         improved = False
         if step % cfg.validate_every == 0 or step == self.run.iterations:
-            record["val_dice"] = self.validate(self.validation)
+            record["val_dice"], shown = self.validate(self.validation, MONTAGE_EPISODES)
             if self.gt_validation is not None:
-                record["val_dice_gt"] = self.validate(self.gt_validation)
+                record["val_dice_gt"], _ = self.validate(self.gt_validation)
             improved = record["val_dice"] > best
             best = max(best, record["val_dice"])
             record["best_dice"] = best
+            scores = {k: v for k, v in record.items() if k in ("val_dice", "val_dice_gt", "best_dice")}
+            record["validation_montage"] = str(self.board.validation(step, scores, shown))
             self._log({k: v for k, v in record.items() if k != "seed"})
             print(json.dumps(record))
         write_checkpoint(self.run.output, self.model, self.optimizer, record, best=improved)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdfsmis.cli import main
+from sdfsmis.evaluation.lookalike import write_chaos
+from sdfsmis.evaluation.prepare import prepare
+from sdfsmis.figures.boxplot import BOXPLOT_PX
 from sdfsmis.figures.curves import CURVES_PX
 from sdfsmis.figures.display import PREDICTION, REFERENCE
 from sdfsmis.figures.montage import HEADER_PX, TILE_PX, TITLE_PX, Tile, render_montage, tile_box
@@ -146,3 +150,34 @@ def test_infer_preview_shows_prediction_and_uncertainty(trained, tiny_backbone, 
     assert under_support.max() == 0
     uncertainty = pixels[slice(*tile_box(1, 3)[1::2]), slice(*tile_box(1, 3)[0::2])].astype(int)
     assert (np.abs(uncertainty[..., 0] - uncertainty[..., 2]) > 60).any()  # a colour map, not grey
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("href", "src")]
+
+
+def test_evaluate_writes_boxplot_montages_and_a_report_linking_only_existing_files(tmp_path):
+    write_chaos(tmp_path / "raw", 4, shape=(64, 64, 10), spacing=(5.0, 5.0, 8.0))
+    data = prepare("chaos", tmp_path / "raw", tmp_path / "prepared", supervoxel_min_size=2000, log=lambda _: None)
+    out = tmp_path / "out"
+    main(["evaluate", "--data", str(data.root), "--method", "prototype", "--folds", "2", "--montages", "1"]
+         + ["--output", str(out)])  # fmt: skip
+    assert _png(out / "boxplot.png").shape == (BOXPLOT_PX[1], BOXPLOT_PX[0], 3)
+    # one montage: the first fold's first query volume, a row per class (4), supports then query slices
+    montages = sorted((out / "montages").rglob("*.png"))
+    assert montages == [out / "montages" / "prototype" / "chaos_02.png"]
+    pixels = _png(montages[0])
+    assert pixels.shape[0] == HEADER_PX + 4 * (TITLE_PX + TILE_PX) and pixels.shape[1] % TILE_PX == 0
+    assert _colour_pixels(pixels, REFERENCE).sum() > 100 and _colour_pixels(pixels, PREDICTION).sum() > 100
+
+    parser = _Links()
+    report = (out / "report.html").read_text()
+    parser.feed(report)
+    assert parser.links and all((out / link).is_file() for link in parser.links)
+    assert {"boxplot.png", "montages/prototype/chaos_02.png", "results.json", "table.md"} <= set(parser.links)
+    assert "<table>" in report and "prototype matcher" in report

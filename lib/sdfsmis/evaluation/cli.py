@@ -40,11 +40,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from ..cli import _device
     from ..config import load_config
+    from ..figures.evaluation import MontageCollector, write_evaluation_figures
     from .dataset import PreparedDataset
     from .harness import Evaluator, check_methods
     from .methods import DPL_VARIANTS, METHODS, MethodFactory
     from .metrics import margins_over, summarise
-    from .report import write_reports
+    from .report import organ_order, write_reports
 
     dataset = PreparedDataset.load(args.data)
     if args.method:
@@ -69,7 +70,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.registration_resolution, args.dpl_checkpoint,
     )  # fmt: skip
     started = time.perf_counter()
-    evaluator = Evaluator(dataset, config.inference, args.protocol, args.annotated_slices)
+    window = dataset.preprocessing.get("window") if dataset.modality == "CT" else None  # CT: the data set's HU window
+    montages = MontageCollector(Path(args.output) / "montages", args.montages, window)
+    evaluator = Evaluator(dataset, config.inference, args.protocol, args.annotated_slices, montages)
     shared = {k: str(getattr(args, k)) for k in ("backbone", "checkpoint", "config", "setting", "device")}
     shared.update(prototype=args.prototype_resolution, registration=args.registration_resolution)
     if args.supports_per_query is not None:
@@ -103,6 +106,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "torch_threads": torch.get_num_threads(),
     }
     table = write_reports(Path(args.output), run, folds, summary, records, heading, args.protocol)
+    montages.write()
+    write_evaluation_figures(Path(args.output), records, organ_order(summary), heading, table)
     print(table)
     print(json.dumps({"output": str(args.output), "volumes": len(records), "wall_seconds": round(wall, 1)}))
 
@@ -186,4 +191,7 @@ def add_evaluation_commands(commands) -> None:
     evaluate.add_argument("--registration-resolution", type=int, default=128)
     evaluate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     evaluate.add_argument("--output", required=True, type=Path)
+    evaluate.add_argument(
+        "--montages", type=int, default=2, help="query volumes of the first fold drawn as montages (0: none)"
+    )
     evaluate.set_defaults(run=cmd_evaluate)

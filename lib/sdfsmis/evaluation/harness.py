@@ -103,14 +103,22 @@ def _load_case(dataset: PreparedDataset, name: str, clip: tuple[float, float]) -
 
 class Evaluator:
     def __init__(
-        self, dataset: PreparedDataset, inference: InferenceConfig, protocol: str = "paper", annotated: int = SHOTS
+        self,
+        dataset: PreparedDataset,
+        inference: InferenceConfig,
+        protocol: str = "paper",
+        annotated: int = SHOTS,
+        on_prediction: Callable[[dict, Case | None, Case, np.ndarray], None] | None = None,
     ):
+        """``on_prediction(record, support, query, prediction)``: called with each scored (query
+        volume, class) and its binary prediction [X, Y, Z] (the montages of ``sdfsmis.figures``)."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
         if annotated < 1:
             raise ValueError(f"annotated slices must be at least 1, got {annotated}")
         self.dataset, self.inference, self.protocol = dataset, inference, protocol
         self.annotated = annotated  # propagation: organ slices annotated from ground truth
+        self.on_prediction = on_prediction
 
     def _slices(self, method: Method, data: np.ndarray, z, pad: float = -1.0) -> torch.Tensor:
         grid = SliceGrid(*data.shape[:2], method.model.resolution)
@@ -136,7 +144,10 @@ class Evaluator:
         seconds = time.perf_counter() - started
         prediction = paper_decision(probability, index, method)
         truth = query.label.data[..., z] == label_id
+        whole = np.zeros(query.label.data.shape, dtype=bool)
+        whole[..., z] = prediction
         return {
+            "prediction": whole,
             **score_volume(prediction, truth, ras_spacing(query.image)),
             "slices": int(len(z)),
             "seconds": seconds,
@@ -168,6 +179,7 @@ class Evaluator:
         report = result.reports[label_id]
         prediction, truth = result.labels == label_id, query.label.data == label_id
         scores = {
+            "prediction": prediction,
             **score_volume(prediction, truth, ras_spacing(query.image)),
             "slices": int(query.image.data.shape[2]),
             "seconds": result.seconds,
@@ -207,6 +219,7 @@ class Evaluator:
         scored = np.ones(truth.shape[2], dtype=bool)
         scored[drawn_z] = False  # the annotated slices are the user's, not the method's
         scores = {
+            "prediction": prediction,
             **score_volume(prediction & scored, truth & scored, ras_spacing(query.image)),
             "slices": int(truth.shape[2]),
             "seconds": seconds,
@@ -254,6 +267,7 @@ class Evaluator:
                 if scores is None:  # propagation: every organ slice annotated, nothing left to segment
                     log(f"fold {fold.index} {key:12s} {base['organ']:14s} {query.name}: no organ slice left to score")
                     continue
+                prediction = scores.pop("prediction")  # [X, Y, Z] bool, for on_prediction only
                 record = {
                     **base,
                     **where,
@@ -261,6 +275,8 @@ class Evaluator:
                     "seconds_per_slice": scores["seconds"] / max(scores["slices"], 1),
                 }
                 records.append(record)
+                if self.on_prediction:
+                    self.on_prediction(record, support, query, prediction)
                 log(
                     f"fold {fold.index} {key:12s} {record['organ']:14s} {query.name}: "
                     f"Dice {record['dice']:.3f} HD95 {record['hd95']:.1f} mm ({record['slices']} slices, "

@@ -17,7 +17,8 @@ CSV_FIELDS = (
 )  # fmt: skip
 
 
-def _organs(summary: dict) -> list[str]:
+def organ_order(summary: dict) -> list[str]:
+    """The classes of ``summary`` in the tables' column order."""
     present = {organ for m in summary.values() for organ in m["classes"]}
     return [o for o in ORGAN_ORDER if o in present] + sorted(present - set(ORGAN_ORDER))
 
@@ -39,7 +40,7 @@ SLICES = {
 
 
 def markdown_table(summary: dict, titles: dict[str, str], heading: str, protocol: str | None = None) -> str:
-    organs = _organs(summary)
+    organs = organ_order(summary)
     names = [o.replace("_", " ").capitalize() for o in organs]
     lines = [
         f"### {heading}",

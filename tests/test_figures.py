@@ -181,3 +181,27 @@ def test_evaluate_writes_boxplot_montages_and_a_report_linking_only_existing_fil
     assert parser.links and all((out / link).is_file() for link in parser.links)
     assert {"boxplot.png", "montages/prototype/chaos_02.png", "results.json", "table.md"} <= set(parser.links)
     assert "<table>" in report and "prototype matcher" in report
+
+
+def test_app_train_task_names_its_last_validation_montage_in_train_stats(tiny_backbone, tmp_path, monkeypatch):
+    from monailabel.datastore.local import LocalDatastore
+
+    from app_server import APP
+
+    monkeypatch.syspath_prepend(str(APP))  # the app's own `lib`, as MONAI Label loads it
+    from lib.concurrency import InferenceGate
+    from lib.configs import AppSettings, ModelRuntime
+    from lib.trainers import OneShotTrain
+
+    make_studies(tmp_path / "studies", 3, shape=(64, 64, 20))
+    conf = {"backbone": str(tiny_backbone), "model_dir": str(tmp_path / "model"), "device": "cpu"}
+    settings = AppSettings.from_conf(conf, str(APP))
+    task = OneShotTrain(ModelRuntime(settings, InferenceGate(1, 0, 1.0), "dpl"))
+    task(
+        {"iterations": 10, "checkpoint_every": 10}, LocalDatastore(str(tmp_path / "studies"), extensions=("*.nii.gz",))
+    )
+    stats = task.stats()  # what /info/ shows as train_stats.dpl
+    assert stats["status"] == "DONE"
+    montage = Path(stats["validation_montage"])
+    assert montage == tmp_path / "model" / "train_dpl" / "validation_montage.png"
+    assert _png(montage).shape == (HEADER_PX + 4 * (TITLE_PX + TILE_PX), 4 * TILE_PX, 3)

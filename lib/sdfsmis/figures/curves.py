@@ -12,6 +12,7 @@ CURVES_NAME = "training_curves.png"
 CURVES_PX = (1000, 800)
 #: What a step record of the training log holds besides its loss terms.
 NOT_LOSSES = ("iteration", "it_per_s")
+FEW = 30
 VALIDATION = {"val_dice": "validation Dice (pseudo-labels)", "val_dice_gt": "validation Dice (ground truth)"}
 
 
@@ -34,12 +35,15 @@ def plot_training_curves(folder: str | Path, output: str | Path | None = None) -
         raise ValueError(f"{log} holds no training step yet")
     figure = new_figure(*CURVES_PX)
     iterations = sorted(steps)
+    marker = "." if len(iterations) < FEW else None  # a short run's few points stay visible
     terms = [k for k in steps[iterations[-1]] if k not in NOT_LOSSES]
     grid = figure.add_gridspec(3, len(terms), height_ratios=(2, 2, 1))
     # one panel per loss term: each has its own scale (DPL's threshold term is ~-10, its others ~1)
     panels = [figure.add_subplot(grid[0, i]) for i in range(len(terms))]
     for axes, term in zip(panels, terms):
-        axes.plot(iterations, [steps[i].get(term) for i in iterations], linewidth=1.5 if term == "loss" else 1)
+        axes.plot(
+            iterations, [steps[i].get(term) for i in iterations], marker=marker, linewidth=1.5 if term == "loss" else 1
+        )
         axes.set_title(term, fontsize=9)
         axes.tick_params(labelsize=7)
     panels[0].set_ylabel("loss")
@@ -55,7 +59,7 @@ def plot_training_curves(folder: str | Path, output: str | Path | None = None) -
     if checked:
         dice.legend(loc="lower right", fontsize=8)
     speed = figure.add_subplot(grid[2, :], sharex=dice)
-    speed.plot(iterations, [steps[i]["it_per_s"] for i in iterations], color="grey")
+    speed.plot(iterations, [steps[i]["it_per_s"] for i in iterations], color="grey", marker=marker)
     speed.set_ylabel("it / s")
     speed.set_xlabel("iteration")
     for axes in (*panels, dice, speed):

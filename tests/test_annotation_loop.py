@@ -56,11 +56,9 @@ def test_a_correction_changes_its_neighbours_and_nothing_far(tiny_backbone, pati
 
     changed = {int(z) for z in np.flatnonzero((before != after).any(axis=(0, 1)))}
     depth = truth.shape[2]
-    served_by_correction = {
-        z
-        for z, (nearest,) in enumerate(nearest_supports(np.arange(depth), [low, corrected, high], (0, 1, 0, 1))[0])
-        if nearest == 1
-    }
+    k = load_config(backbone=tiny_backbone).inference.supports_per_query
+    nearest = nearest_supports(np.arange(depth), [low, corrected, high], k)[0]  # [depth, k]
+    served_by_correction = {z for z in range(depth) if 1 in nearest[z]}
     assert changed and changed <= served_by_correction
     assert len(changed) >= 0.5 * len(served_by_correction - {corrected})  # the neighbours did change
 
@@ -75,17 +73,17 @@ def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, pat
     config = load_config(backbone=tiny_backbone)
     model = load_model("dpl", tiny_backbone, config).eval()
     encoded, predicted = [], []
-    encode, predict = model.encode_support, model.predict
+    encode, predict_each = model.encode_support, model.predict_each
 
     def counting_encode(image, mask):
         encoded.append(image.shape[0])
         return encode(image, mask)
 
-    def counting_predict(support, query, index):
+    def counting_predict_each(support, query, index):
         predicted.append(query.shape[0])
-        return predict(support, query, index)
+        return predict_each(support, query, index)
 
-    model.encode_support, model.predict = counting_encode, counting_predict
+    model.encode_support, model.predict_each = counting_encode, counting_predict_each
     label_path = write_nifti(tmp_path / "thirty.nii.gz", drawn.astype(np.uint8), affine)
     image = load_volume(image_path)
     result = VolumeSegmenter(model, config.inference, progress=False).segment(
@@ -93,4 +91,4 @@ def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, pat
     )
     assert result.reports[LIVER].support_slices == [int(z) for z in annotated]
     assert encoded == [len(annotated)]  # one batch of supports, once
-    assert sum(predicted) == truth.shape[2]  # each query slice once
+    assert sum(predicted) == truth.shape[2]  # each query slice once (its features once for all its supports)

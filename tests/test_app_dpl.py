@@ -105,3 +105,56 @@ def test_train_dpl_publishes_its_own_checkpoint_and_changes_next_inference(serve
     after, params = client.infer("dpl", "case_001", {"support": "case_000"})
     assert params["trained"] is True
     assert not np.array_equal(before, np.asarray(nib.load(after).dataobj))
+
+
+def test_several_patients_as_supports_and_an_unusable_one_is_named(server, tmp_path):
+    url, root = server
+    client = _client(url, tmp_path)
+    _save_support(client, tmp_path)
+    _, label, affine = make_volume(21)  # case_001's anatomy
+    write_nifti(tmp_path / "b.nii.gz", np.where(label == 1, 1, 0).astype(np.uint8), affine)
+    client.save_label("case_001", str(tmp_path / "b.nii.gz"), tag="final", params={"label_info": LABEL_INFO[:1]})
+
+    result, params = client.infer("dpl", "case_002", {"support": "case_000,case_001"})
+    assert [s["image"] for s in params["support"]] == ["case_000", "case_001"]
+    assert [s["source"] for s in params["support"]] == ["support_param", "support_param"]
+    # the liver is drawn in both patients: both serve it; the kidney only in case_000
+    assert [s["image"] for s in params["served_by"]["liver"]] == ["case_000", "case_001"]
+    assert [s["image"] for s in params["served_by"]["left kidney"]] == ["case_000"]
+    depth = nib.load(root / "studies" / "case_002.nii.gz").shape[2]
+    for part in params["served_by"]["liver"]:
+        first, last = part["query_slices"]
+        assert 0 <= first <= last < depth and part["support_slices"] and part["rule"]
+    _, as_list = client.infer("dpl", "case_002", {"support": ["case_000", "case_001"]})
+    assert as_list["served_by"] == params["served_by"]
+
+    for bad, why in (("case_000,case_002", "has no final label"), ("case_000,nobody", "is not in the datastore")):
+        with pytest.raises(MONAILabelClientException) as error:
+            client.infer("dpl", "case_001", {"support": bad})
+        name = bad.split(",")[1]
+        assert "400" in str(error.value.msg) and f"support image '{name}' (param 'support') {why}" in str(
+            error.value.msg
+        )
+
+
+def test_review_segment_is_returned_as_a_named_segment(server, tmp_path):
+    url, root = server
+    client = _client(url, tmp_path)
+    _save_support(client, tmp_path)
+    plain_file, plain = client.infer("dpl", "case_002", {"support": "case_000"})
+    result_file, params = client.infer("dpl", "case_002", {"support": "case_000", "review_segment": True})
+    names = params["label_names"]
+    assert {"liver", "left kidney"} <= set(names)
+    review = {name: idx for name, idx in names.items() if name.endswith(" - review")}
+    assert review and set(review) <= {"liver - review", "left kidney - review"}
+    assert all(params["label_colors"][name] == [255, 255, 0] for name in review)
+    labels = np.asarray(nib.load(result_file).dataobj)
+    before = np.asarray(nib.load(plain_file).dataobj)
+    for name, idx in review.items():
+        organ = name.removesuffix(" - review")
+        marked = labels == idx
+        assert marked.sum() == params["voxels"][name] > 0
+        assert plain["voxels"][organ] >= params["voxels"][organ]
+    reviewed = np.isin(labels, list(review.values()))
+    np.testing.assert_array_equal(labels[~reviewed], before[~reviewed])  # elsewhere the same result
+    assert "confidence" in params and "review_slices" in params

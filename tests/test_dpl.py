@@ -138,6 +138,7 @@ def test_one_variant_has_zero_uncertainty(tiny_backbone, patients):
     _, support, support_label, query, _ = patients
     volumes = load_volume(support), load_volume(support_label, label=True), load_volume(query)
     config = load_config(backbone=tiny_backbone)
+    config.inference.supports_per_query = 1  # one support per slice: the variants are the only members
     single = VolumeSegmenter(_dpl(tiny_backbone, variants=1), config.inference, progress=False)
     result = single.segment(*volumes, [1])
     assert result.uncertainty is not None and result.uncertainty.max() == 0.0

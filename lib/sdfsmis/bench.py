@@ -43,10 +43,11 @@ import transformers
 from .acceleration import InferenceOptions, accelerate, retain_freed_memory
 from .backbone import build_backbone
 from .config import InferenceConfig, SDFSMISConfig, load_config
-from .inference import assign_supports, choose_support_slices, query_range, segment_slices
+from .inference import choose_support_slices, nearest_supports, segment_slices
 from .models.base import OneShotModel
 from .models.dpl import DPL
 from .models.sdfsmis import SDFSMIS
+from .placement import relative_position
 from .reference import kv_bank, released_segment_slice, released_training_step
 from .synthetic import make_studies, make_volume
 from .volume import SliceGrid, axial_slices, normalise_intensity
@@ -79,9 +80,9 @@ def make_inputs(resolution: int, slices: int, supports: int, seed: int = 0) -> B
     annotated = np.flatnonzero(liver.any(axis=(0, 1)))
     support_z = choose_support_slices(annotated, supports)
     depth = VOLUME_SHAPE[2]
-    q0, q1 = query_range(annotated, depth, depth, config)
-    query_z = np.linspace(q0, q1, slices).round().astype(int)  # repeats slices when N > the range
-    index = assign_supports(query_z, support_z, (q0, q1, float(annotated.min()), float(annotated.max())))
+    place = relative_position(annotated, depth, depth, config)
+    query_z = np.linspace(place.first, place.last, slices).round().astype(int)  # repeats slices when N > the range
+    index = nearest_supports(place.position(query_z), support_z)[0][:, 0]
     grid = SliceGrid(*VOLUME_SHAPE[:2], resolution)
     support_data = normalise_intensity(image, config.clip_percentiles)
     query_data = normalise_intensity(query_image, config.clip_percentiles)

@@ -111,18 +111,22 @@ def cmd_download(args: argparse.Namespace) -> None:
 def cmd_infer(args: argparse.Namespace) -> None:
     from .acceleration import InferenceOptions, accelerate
     from .config import load_config
-    from .inference import VolumeSegmenter, select_label_ids
+    from .inference import SupportVolume, VolumeSegmenter, select_supported_ids
     from .models import load_model
     from .volume import check_same_geometry, load_volume
 
     config = load_config(args.config, args.backbone)
     if args.resolution:
         config.model.resolution = args.resolution
-    support_image = load_volume(args.support_image)
-    support_label = load_volume(args.support_label, label=True)
-    check_same_geometry(support_image, support_label)
+    if len(args.support_image) != len(args.support_label):
+        raise SystemExit("error: give one --support-label per --support-image (pairs, in the same order)")
+    supports = []
+    for image_path, label_path in zip(args.support_image, args.support_label):
+        support = SupportVolume(load_volume(image_path), load_volume(label_path, label=True))
+        check_same_geometry(support.image, support.label)
+        supports.append(support)
     query = load_volume(args.image)
-    labels = select_label_ids(support_label, [int(k) for k in args.labels.split(",")] if args.labels else None)
+    labels = select_supported_ids(supports, [int(k) for k in args.labels.split(",")] if args.labels else None)
     if args.checkpoint is None:
         trained_parts = "widened convs, VTCT MLP" if args.method == "sdfsmis" else "adapter, denoiser, threshold"
         print(
@@ -130,16 +134,12 @@ def cmd_infer(args: argparse.Namespace) -> None:
             f"so this prediction is not meaningful. Train with `sdfsmis train --method {args.method}` first.",
             file=sys.stderr,
         )
-    if args.uncertainty and args.method != "dpl":
-        raise SystemExit(f"error: --uncertainty needs a method with variants (dpl), not {args.method}")
     started = time.perf_counter()
     model = load_model(args.method, args.backbone, config, args.checkpoint, device=_device(args.device)).eval()
     options = InferenceOptions(precision=args.precision, compile=args.compile)
     accelerate(model, options)
     loaded = time.perf_counter() - started
-    result = VolumeSegmenter(model, config.inference, options=options).segment(
-        support_image, support_label, query, labels
-    )
+    result = VolumeSegmenter(model, config.inference, options=options).segment_with(supports, query, labels)
     query.save_label(result.labels, args.output)
     summary = {"output": str(args.output), "method": args.method, "model_load_seconds": round(loaded, 3)}
     summary.update(result.summary())
@@ -147,12 +147,19 @@ def cmd_infer(args: argparse.Namespace) -> None:
         summary["confidence"] = {str(k): v for k, v in result.confidence(query).items()}
         summary["review_slices"] = {str(k): v for k, v in result.review_slices(query).items()}
     if args.uncertainty:
+        if result.uncertainty is None:
+            raise SystemExit(
+                "error: --uncertainty: no members disagree here (dpl has variants; sdfsmis needs several supports "
+                "per slice: inference.supports_per_query >= 2 and more than one support slice)"
+            )
         summary["uncertainty"] = str(query.save_map(result.uncertainty, args.uncertainty))
     if args.preview:
         from .figures.preview import write_preview
 
-        title = f"{args.image.name}: {args.method}, support {args.support_image.name}"
-        summary["preview"] = str(write_preview(args.preview, support_image, support_label, query, result, title))
+        title = f"{args.image.name}: {args.method}, support {supports[0].name}"
+        summary["preview"] = str(
+            write_preview(args.preview, supports[0].image, supports[0].label, query, result, title)
+        )
     print(json.dumps(summary, indent=2))
 
 
@@ -224,8 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone directory or 'default' (hub ids)")
     infer.add_argument("--checkpoint", default=None, help="our fine-tuned weights (file or directory)")
     infer.add_argument("--config", default=None, help="preset name in configs/ or a YAML path")
-    infer.add_argument("--support-image", required=True, type=Path)
-    infer.add_argument("--support-label", required=True, type=Path)
+    infer.add_argument(
+        "--support-image",
+        required=True,
+        type=Path,
+        action="append",
+        help="repeat with --support-label: several patients",
+    )
+    infer.add_argument("--support-label", required=True, type=Path, action="append")
     infer.add_argument("--image", required=True, type=Path)
     infer.add_argument("--output", required=True, type=Path)
     infer.add_argument("--labels", default=None, help="comma-separated label ids (default: all in the support)")

@@ -40,7 +40,9 @@ class InferenceConfig:
     batch_size: int = 8
     max_supports: int = 3  # from another volume: support slices spread over the annotation
     max_volume_supports: int = 32  # same volume: every drawn or corrected slice, at most this many
-    supports_per_query: int = 1  # nearest supports combined per query slice (> 1: their agreement is a confidence)
+    supports_per_query: int = 2  # nearest supports combined per query slice (> 1: their agreement is a confidence)
+    placement: str = "registration"  # another patient's support: "registration" or "relative" (sdfsmis.placement)
+    review_dissent: float = 0.2  # share of members voting against the majority from which a voxel is reviewed
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     z_margin: float = 0.25
     min_extent_slices: int = 3

@@ -1,23 +1,40 @@
-"""One-shot segmentation of a volume with any one-shot method (SD-FSMIS, DPL): pick support
-slices from an annotation, map the support z-range to the query, segment the query slices in
-batches with the support work done once, and return labels in the query's own geometry; a
-method that samples its support (DPL's K prototype variants) also gives a voxel uncertainty map
-and a per-slice confidence."""
+"""One-shot segmentation of a volume with any one-shot method (SD-FSMIS, DPL) from one or several
+annotated volumes: pick support slices from each annotation, place each support in the query
+(:mod:`sdfsmis.placement`), segment the query slices in batches against their nearest support
+slices of every support volume with the support work done once, and return labels in the query's
+own geometry. Where the members disagree (DPL's K prototype variants, or several supports serving
+a slice) there is also a voxel uncertainty map, a per-slice confidence and a review region."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from . import placement
 from .acceleration import InferenceOptions
 from .config import InferenceConfig
 from .models import OneShotModel, Prediction
+from .placement import Placement
 from .volume import SliceGrid, Volume, VolumeError, axial_slices, normalise_intensity
+
+
+@dataclass
+class ServedBy:
+    """One support volume's part in a label: its support slices, where it was placed in the
+    query and by which rule."""
+
+    name: str
+    support_slices: list[int]
+    placement: Placement
+
+    def describe(self) -> dict:
+        return {"image": self.name, "support_slices": self.support_slices, **self.placement.describe()}
 
 
 @dataclass
@@ -26,6 +43,7 @@ class LabelReport:
     query_slices: list[int]
     voxels: int = 0
     confidence: list[float] | None = None  # per query slice, when the method gives uncertainty
+    served_by: list[ServedBy] = field(default_factory=list)
 
     def review_slices(self, count: int) -> list[int]:
         """The ``count`` query slices of lowest confidence (below 1), lowest first."""
@@ -40,7 +58,20 @@ class SegmentationResult:
     labels: np.ndarray  # [X, Y, Z] in the query's RAS working orientation
     reports: dict[int, LabelReport] = field(default_factory=dict)
     seconds: float = 0.0
-    uncertainty: np.ndarray | None = None  # [X, Y, Z] variance of the variants' probabilities, max over labels
+    uncertainty: np.ndarray | None = None  # [X, Y, Z] variance of the members' probabilities, max over labels
+    review: dict[int, np.ndarray] = field(default_factory=dict)  # per label: voxels where the members disagree
+
+    def with_review(self) -> tuple[np.ndarray, dict[int, int]]:
+        """The labels with each label's review region as a segment of its own (ids after the
+        largest label id, in label order) and {label id: review id}. A review voxel leaves its
+        label's segment: a labelmap holds one segment per voxel."""
+        labels = self.labels.copy()
+        ids = {}
+        for label_id in sorted(self.review):
+            if self.review[label_id].any():
+                ids[label_id] = max(self.reports) + 1 + len(ids)
+                labels[self.review[label_id]] = ids[label_id]
+        return labels, ids
 
     def confidence(self, query: Volume) -> dict[int, dict[int, float]]:
         """Per label: {slice: confidence} with slices numbered as in the query's own file."""
@@ -67,6 +98,7 @@ class SegmentationResult:
         return {
             "labels": {str(k): r.voxels for k, r in self.reports.items()},
             "support_slices": {str(k): r.support_slices for k, r in self.reports.items()},
+            "supports": {str(k): [s.describe() for s in r.served_by] for k, r in self.reports.items()},
             "query_slices": {str(k): [min(r.query_slices), max(r.query_slices)] for k, r in self.reports.items()},
             "seconds": round(self.seconds, 3),
             "seconds_per_slice": round(self.seconds / max(self.slices_segmented, 1), 4),
@@ -82,41 +114,16 @@ def choose_support_slices(annotated: np.ndarray, count: int) -> list[int]:
     return sorted({int(annotated[min(int(p * len(annotated)), len(annotated) - 1)]) for p in positions})
 
 
-def query_range(
-    annotated: np.ndarray, support_depth: int, query_depth: int, config: InferenceConfig
-) -> tuple[int, int]:
-    """The query slices to segment. A full annotation (>= min_extent_slices) gives the organ's
-    relative z-range, mapped to the query with a margin; a sparse one says nothing of the
-    extent, so every slice is segmented."""
-    first, last = int(annotated.min()), int(annotated.max())
-    if last - first + 1 < config.min_extent_slices:
-        return 0, query_depth - 1
-    start, stop = first / support_depth, (last + 1) / support_depth
-    margin = config.z_margin * (stop - start)
-    return max(0, int(np.floor((start - margin) * query_depth))), min(
-        query_depth - 1, int(np.ceil((stop + margin) * query_depth)) - 1
+def nearest_supports(position: np.ndarray, support_z: list[int], count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` support slices nearest each query slice's ``position`` among the support's
+    slices (:meth:`Placement.position`; the chunking of EP1, generalised): indices [Q, k] and
+    weights [Q, k] (1 / (1 + distance in slices), normalised per query slice)."""
+    distance = np.abs(
+        np.asarray(position, dtype=np.float64)[:, None] - np.asarray(support_z, dtype=np.float64)[None, :]
     )
-
-
-def nearest_supports(
-    query_z: np.ndarray, support_z: list[int], mapping: tuple[float, float, float, float], count: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``count`` support slices nearest each query slice once the query range is mapped
-    linearly onto the support's annotated range (chunking of EP1, generalised): indices [Q, k]
-    and weights [Q, k] (1 / (1 + distance in slices), normalised per query slice)."""
-    q0, q1, s0, s1 = mapping
-    position = s0 + (query_z - q0) * ((s1 - s0) / (q1 - q0) if q1 > q0 else 0.0)
-    distance = np.abs(position[:, None] - np.asarray(support_z, dtype=np.float64)[None, :])
     order = np.argsort(distance, axis=1, kind="stable")[:, : max(1, min(count, len(support_z)))]
     weights = 1.0 / (1.0 + np.take_along_axis(distance, order, axis=1))
     return order, (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def assign_supports(
-    query_z: np.ndarray, support_z: list[int], mapping: tuple[float, float, float, float]
-) -> np.ndarray:
-    """The nearest support slice of each query slice (see :func:`nearest_supports`)."""
-    return nearest_supports(query_z, support_z, mapping)[0][:, 0]
 
 
 def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np.ndarray:
@@ -147,6 +154,34 @@ def select_label_ids(support_label: Volume, requested: list[int] | None = None) 
     return requested or present
 
 
+@dataclass
+class SupportVolume:
+    """An annotated volume that serves as support; ``name`` is how reports call it."""
+
+    image: Volume
+    label: Volume
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.image.path.name
+
+    def is_query(self, query: Volume) -> bool:
+        return self.image.path.resolve() == query.path.resolve()
+
+
+def select_supported_ids(supports: list[SupportVolume], requested: list[int] | None = None) -> list[int]:
+    """The label ids to segment: every id drawn in some support by default; an empty support or
+    an id that no support has is an error naming it."""
+    if len(supports) == 1:
+        return select_label_ids(supports[0].label, requested)
+    present = sorted({k for s in supports for k in select_label_ids(s.label)})
+    absent = [k for k in requested or [] if k not in present]
+    if absent:
+        names = ", ".join(s.label.path.name for s in supports)
+        raise VolumeError(f"label ids {absent} are not in the support label(s) {names} (they have {present})")
+    return requested or present
+
+
 def combine_supports(predictions: list[Prediction], weights: torch.Tensor) -> Prediction:
     """The predictions of a query batch from its k nearest supports -> their weighted mean, with
     every support's variants (DPL) or its probability (SD-FSMIS) as the members whose
@@ -171,6 +206,26 @@ def member_variance(prediction: Prediction, weights: torch.Tensor) -> torch.Tens
     return (w * (members - mean) ** 2).sum(dim=(1, 2))[:, None]
 
 
+def dissent(prediction: Prediction, weights: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per voxel [B, 1, H, W]: the weighted share of the members that vote against the majority's
+    decision (0: unanimous, 0.5: split evenly). Decisions, not probabilities: members at 0.45 and
+    0.55 disagree on the label although their variance is small."""
+    votes = (prediction.variants.float() >= threshold).float()  # [B, k, M, H, W]
+    w = (weights.float() / votes.shape[2])[:, :, None, None, None]
+    share = (w * votes).sum(dim=(1, 2))[:, None]
+    return torch.minimum(share, 1 - share)
+
+
+class SliceOutputs(NamedTuple):
+    """What :func:`segment_slices` gives, each [Q, ...] on the model's device; the last three only
+    where members can disagree (DPL's variants, several supports)."""
+
+    probability: torch.Tensor  # [Q, 1, H, W]
+    uncertainty: torch.Tensor | None = None  # [Q, 1, H, W] members' variance
+    confidence: torch.Tensor | None = None  # [Q]
+    dissent: torch.Tensor | None = None  # [Q, 1, H, W] see :func:`dissent`
+
+
 def slice_confidence(prediction: Prediction, uncertainty: torch.Tensor, threshold: float) -> torch.Tensor:
     """Per slice: 1 - 4 x the mean variance where the result or any member says foreground (a
     probability's variance is at most 1/4); 1 where none does."""
@@ -190,31 +245,32 @@ def segment_slices(
     progress: bool = False,
     threshold: float = 0.5,
     weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> SliceOutputs:
     """Query slices [Q, 1, H, W] on the model's device, each against support rows ``index`` [Q]
-    or its k nearest [Q, k] combined with ``weights`` [Q, k] -> probabilities [Q, 1, H, W], and
-    where members disagree (DPL's variants, several supports) the uncertainty [Q, 1, H, W] and
-    per-slice confidence [Q], on the same device, in batches that share the encoded support;
-    nothing goes back to the host per batch."""
+    or its k nearest [Q, k] combined with ``weights`` [Q, k], in batches that share the encoded
+    support; nothing goes back to the host per batch."""
     if index.dim() == 1:
         index = index[:, None]
     if weights is None:
         weights = torch.full(index.shape, 1.0 / index.shape[1], device=index.device)
     starts = range(0, queries.shape[0], batch_size)
     bar = tqdm(starts, desc="query slices", unit="batch", disable=not progress or len(starts) < 2)
-    probabilities, uncertainties, confidences = [], [], []
+    outputs = []
     for s in bar:
         part = slice(s, s + batch_size)
-        predictions = [model.predict(support, queries[part], index[part, j]) for j in range(index.shape[1])]
+        predictions = model.predict_each(support, queries[part], index[part])
         prediction = combine_supports(predictions, weights[part])
-        probabilities.append(prediction.probability.float())
         uncertainty = member_variance(prediction, weights[part])
-        if uncertainty is not None:
-            uncertainties.append(uncertainty)
-            confidences.append(slice_confidence(prediction, uncertainty, threshold))
-    if not uncertainties:
-        return torch.cat(probabilities), None, None
-    return torch.cat(probabilities), torch.cat(uncertainties), torch.cat(confidences)
+        if uncertainty is None:
+            outputs.append(SliceOutputs(prediction.probability.float()))
+            continue
+        confidence = slice_confidence(prediction, uncertainty, threshold)
+        outputs.append(
+            SliceOutputs(
+                prediction.probability.float(), uncertainty, confidence, dissent(prediction, weights[part], threshold)
+            )
+        )
+    return SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs)))
 
 
 class VolumeSegmenter:
@@ -242,35 +298,62 @@ class VolumeSegmenter:
         pad = -1.0 if mode == "bilinear" else 0.0
         return grid.to_model(axial_slices(data, indices), mode=mode, pad_value=pad).to(self.model.device)
 
-    def _segment_label(
-        self, support_image: np.ndarray, support_mask: np.ndarray, query_image: np.ndarray, same_volume: bool
-    ) -> tuple[np.ndarray, np.ndarray | None, LabelReport]:
-        annotated = np.flatnonzero(support_mask.any(axis=(0, 1)))
-        # in the same volume every drawn or corrected slice is a support (bounded); from another
-        # volume, a few spread over the structure (EP1)
-        count = self.config.max_volume_supports if same_volume else self.config.max_supports
-        support_z = choose_support_slices(annotated, count)
-        depth = query_image.shape[2]
-        if same_volume:
-            q0, q1 = 0, depth - 1
-            mapping = (0.0, 1.0, 0.0, 1.0)
-        else:
-            q0, q1 = query_range(annotated, support_image.shape[2], depth, self.config)
-            mapping = (q0, q1, float(annotated.min()), float(annotated.max()))
-        query_z = np.arange(q0, q1 + 1)
-        nearest, weights = nearest_supports(query_z, support_z, mapping, self.config.supports_per_query)
-        index, weights = (torch.from_numpy(a).to(self.model.device) for a in (nearest, weights))
+    def _place(
+        self,
+        source: SupportVolume,
+        data: np.ndarray,
+        drawn: np.ndarray,
+        query: Volume,
+        query_data: np.ndarray,
+        registrations: dict[int, placement.Registration],
+    ) -> Placement:
+        """Where ``source``'s annotation of one label lies in the query (:mod:`sdfsmis.placement`);
+        a support volume is registered once per query, for all of its labels."""
+        annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
+        depth = query_data.shape[2]
+        if source.is_query(query):
+            return placement.same_volume(depth)
+        if self.config.placement == "registration":
+            if id(source) not in registrations:
+                registrations[id(source)] = placement.register_volumes(source.image, data, query, query_data)
+            return placement.registered_position(registrations[id(source)], annotated, drawn, depth, self.config)
+        return placement.relative_position(annotated, data.shape[2], depth, self.config)
 
-        support_grid = SliceGrid(*support_image.shape[:2], self.resolution)
-        coverage = self._model_slices(support_mask.astype(np.float32), support_z, support_grid, "bilinear")
-        mask = (coverage > 0.5).float()
-        if (mask.flatten(1).sum(dim=1) == 0).any():  # a structure thinner than a model pixel: keep any overlap
-            mask = (coverage > 0).float()
+    def _segment_label(
+        self, sources: list[tuple[SupportVolume, np.ndarray, np.ndarray, Placement]], query_image: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, LabelReport]:
+        """Probability, uncertainty and dissent maps (None where members cannot disagree) of one
+        label from every support volume that has it: each query slice against its nearest
+        support slices of each volume (equal weight per volume), the support encoded once."""
+        first = min(place.first for *_, place in sources)
+        last = max(place.last for *_, place in sources)
+        query_z = np.arange(first, last + 1)
+        images, masks, indices, weights, served = [], [], [], [], []
+        for source, data, drawn, place in sources:
+            annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
+            # in the same volume every drawn or corrected slice is a support (bounded); from another
+            # volume, a few spread over the structure (EP1)
+            same = place.rule == "same volume"
+            support_z = choose_support_slices(
+                annotated, self.config.max_volume_supports if same else self.config.max_supports
+            )
+            nearest, weight = nearest_supports(place.position(query_z), support_z, self.config.supports_per_query)
+            indices.append(nearest + sum(len(s.support_slices) for s in served))
+            weights.append(weight / len(sources))
+            served.append(ServedBy(source.name, support_z, place))
+            grid = SliceGrid(*data.shape[:2], self.resolution)
+            images.append(self._model_slices(data, support_z, grid))
+            coverage = self._model_slices(drawn.astype(np.float32), support_z, grid, "bilinear")
+            mask = (coverage > 0.5).float()
+            thin = mask.flatten(1).sum(dim=1) == 0  # a structure thinner than a model pixel: keep any overlap
+            masks.append(torch.where(thin[:, None, None, None], (coverage > 0).float(), mask))
+        index, weight = (torch.from_numpy(np.concatenate(a, axis=1)).to(self.model.device) for a in (indices, weights))
+
         grid = SliceGrid(*query_image.shape[:2], self.resolution)
         queries = self._model_slices(query_image, query_z, grid)  # one upload for the whole stack
         with torch.inference_mode(), self.options.autocast(self.model.device):
-            support = self.model.encode_support(self._model_slices(support_image, support_z, support_grid), mask)
-            prob, spread, confidence = segment_slices(
+            support = self.model.encode_support(torch.cat(images), torch.cat(masks))
+            outputs = segment_slices(
                 self.model,
                 support,
                 queries,
@@ -278,7 +361,7 @@ class VolumeSegmenter:
                 self.config.batch_size,
                 self.progress,
                 self.config.threshold,
-                weights,
+                weight,
             )
 
         def volume_of(slices: torch.Tensor) -> np.ndarray:
@@ -286,39 +369,62 @@ class VolumeSegmenter:
             array[..., query_z] = np.moveaxis(grid.from_model(slices).cpu().numpy()[:, 0], 0, -1)  # one download
             return array
 
-        report = LabelReport(support_slices=support_z, query_slices=[int(z) for z in query_z])
-        if confidence is not None:
-            report.confidence = [round(float(c), 4) for c in confidence.cpu()]
-        return volume_of(prob), None if spread is None else volume_of(spread), report
+        report = LabelReport(
+            support_slices=[z for s in served for z in s.support_slices],
+            query_slices=[int(z) for z in query_z],
+            served_by=served,
+        )
+        if outputs.confidence is None:
+            return volume_of(outputs.probability), None, None, report
+        report.confidence = [round(float(c), 4) for c in outputs.confidence.cpu()]
+        return volume_of(outputs.probability), volume_of(outputs.uncertainty), volume_of(outputs.dissent), report
 
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
     ) -> SegmentationResult:
-        """Segment ``query`` with each label of ``support_label`` as its own 1-way task, merged.
+        """Segment ``query`` with each label of one support volume (see :meth:`segment_with`)."""
+        return self.segment_with([SupportVolume(support_image, support_label)], query, label_ids)
 
-        When the query is the support image itself, the annotated voxels are kept as drawn.
-        """
+    def segment_with(
+        self, supports: list[SupportVolume], query: Volume, label_ids: list[int] | None = None
+    ) -> SegmentationResult:
+        """Segment ``query`` with each label of the supports as its own 1-way task, merged.
+
+        A label is served by every support volume that has it. When a support is the query itself,
+        its annotated voxels are kept as drawn."""
         started = time.perf_counter()
-        label_ids = select_label_ids(support_label, label_ids)
-        same_volume = support_image.path.resolve() == query.path.resolve()
-        support_data = normalise_intensity(support_image.data, self.config.clip_percentiles)
-        query_data = support_data if same_volume else normalise_intensity(query.data, self.config.clip_percentiles)
+        label_ids = select_supported_ids(supports, label_ids)
+        query_data = normalise_intensity(query.data, self.config.clip_percentiles)
+        normalised = [
+            query_data if s.is_query(query) else normalise_intensity(s.image.data, self.config.clip_percentiles)
+            for s in supports
+        ]
 
         best = np.zeros(query.data.shape, dtype=np.float32)
         labels = np.zeros(query.data.shape, dtype=np.int32)
         result = SegmentationResult(labels)
+        registrations: dict[int, placement.Registration] = {}
         for label_id in label_ids:
-            drawn = support_label.data == label_id
-            probability, uncertainty, report = self._segment_label(support_data, drawn, query_data, same_volume)
+            sources = []
+            for source, data in zip(supports, normalised):
+                drawn = source.label.data == label_id
+                if drawn.any():
+                    sources.append(
+                        (source, data, drawn, self._place(source, data, drawn, query, query_data, registrations))
+                    )
+            probability, uncertainty, disagreement, report = self._segment_label(sources, query_data)
             mask = probability >= self.config.threshold
+            own = [drawn for source, _, drawn, _ in sources if source.is_query(query)]
             if self.config.largest_component:
-                mask = keep_consistent_components(mask, drawn if same_volume else None)
-            if same_volume:
+                mask = keep_consistent_components(mask, own[0] if own else None)
+            if own:
+                drawn = own[0]
                 annotated = drawn.any(axis=(0, 1))
                 mask[..., annotated] = drawn[..., annotated]
                 probability[drawn] = 1.0
                 if uncertainty is not None:  # drawn slices are certain
                     uncertainty[..., annotated] = 0.0
+                    disagreement[..., annotated] = 0.0
                     report.confidence = [
                         1.0 if annotated[z] else c for z, c in zip(report.query_slices, report.confidence)
                     ]
@@ -326,6 +432,7 @@ class VolumeSegmenter:
                 result.uncertainty = (
                     uncertainty if result.uncertainty is None else np.maximum(result.uncertainty, uncertainty)
                 )
+                result.review[label_id] = disagreement >= self.config.review_dissent
             win = mask & (probability > best)
             labels[win] = label_id
             best[win] = probability[win]

@@ -37,7 +37,7 @@ from monailabel.endpoints import infer as infer_endpoint
 from monailabel.interfaces.utils.app import app_instance
 
 from .infers.guard import http_errors
-from .infers.support import named_support
+from .infers.support import named_supports
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def checked_batch_infer(*, user=None, **kwargs):
     if params.get("support"):
         app = app_instance()
         with http_errors():
-            named_support(app.datastore(), params["support"]).load(max_voxels=app.settings.max_voxels)
+            for support in named_supports(app.datastore(), params["support"]):
+                support.load(max_voxels=app.settings.max_voxels)
     return batch_infer_endpoint.run(**kwargs)
 
 

@@ -22,8 +22,9 @@ from ..models.base import Prediction
 
 class TrainingFree:
     """What the baselines share with :class:`~sdfsmis.models.base.OneShotModel` without being
-    torch modules: ``resolution``, a CPU ``device``, and ``segment`` = ``predict(...).probability``
-    with support row 0 by default. Subclasses implement ``encode_support`` and ``predict``."""
+    torch modules: ``resolution``, a CPU ``device``, ``predict_each`` (k support rows per query) and
+    ``segment`` = ``predict(...).probability`` with support row 0 by default. Subclasses
+    implement ``encode_support`` and ``predict``."""
 
     title: str
     resolution: int
@@ -31,6 +32,9 @@ class TrainingFree:
 
     def predict(self, support, query_image: torch.Tensor, index: torch.Tensor) -> Prediction:
         raise NotImplementedError
+
+    def predict_each(self, support, query_image: torch.Tensor, index: torch.Tensor) -> list[Prediction]:
+        return [self.predict(support, query_image, index[:, j]) for j in range(index.shape[1])]
 
     @torch.no_grad()
     def segment(self, support, query_image: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

@@ -112,6 +112,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps({"output": str(args.output), "volumes": len(records), "wall_seconds": round(wall, 1)}))
 
 
+def cmd_evaluate_loop(args: argparse.Namespace) -> None:
+    from ..config import load_config
+    from ..inference import VolumeSegmenter
+    from ..models import load_model
+    from .dataset import PreparedDataset
+    from .loop import run
+
+    config = load_config(args.config, args.backbone)
+    checkpoints = {"sdfsmis": args.checkpoint, "dpl": args.dpl_checkpoint}
+    segmenters = {}
+    for method in args.method.split(","):
+        if checkpoints.get(method) is None:
+            raise SystemExit(f"error: --method {method} needs its checkpoint (--checkpoint / --dpl-checkpoint)")
+        model = load_model(method, args.backbone, config, checkpoints[method]).eval()
+        segmenters[method] = VolumeSegmenter(model, config.inference, progress=False)
+    dataset = PreparedDataset.load(args.data)
+    print(run(dataset, segmenters, config, args.output, args.pairs, args.queries))
+
+
 def add_evaluation_commands(commands) -> None:
     prepare = commands.add_parser("prepare", help="CHAOS / Synapse / Decathlon-style raw data -> prepared volumes")
     prepare.add_argument("kind", choices=["chaos", "synapse", "folder"])
@@ -142,6 +161,22 @@ def add_evaluation_commands(commands) -> None:
         "(default: chaos 8, synapse 6)",
     )
     raw.set_defaults(run=cmd_sample_raw)
+
+    loop = commands.add_parser(
+        "evaluate-loop",
+        help="across patients: the organ's range in queries with other fields of view (registration vs relative), "
+        "and Dice from 1, 2 and 4 support patients",
+    )
+    loop.add_argument("--data", required=True, type=Path, help="a prepared data set (sdfsmis prepare)")
+    loop.add_argument("--backbone", required=True)
+    loop.add_argument("--config", default=None)
+    loop.add_argument("--method", default="dpl", help="comma-separated: sdfsmis, dpl")
+    loop.add_argument("--checkpoint", default=None, help="SD-FSMIS weights")
+    loop.add_argument("--dpl-checkpoint", default=None, help="DPL weights")
+    loop.add_argument("--pairs", type=int, default=10, help="support/query pairs of the placement study")
+    loop.add_argument("--queries", type=int, default=10, help="query volumes of the support-count study")
+    loop.add_argument("--output", required=True, type=Path)
+    loop.set_defaults(run=cmd_evaluate_loop)
 
     evaluate = commands.add_parser(
         "evaluate", help="few-shot evaluation over folds (paper, realistic or same-volume propagation protocol)"

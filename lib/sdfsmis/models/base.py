@@ -44,6 +44,11 @@ class OneShotModel(nn.Module):
         """Query slices [Q, 1, H, W] in [-1, 1], each against support row ``index[q]``."""
         raise NotImplementedError
 
+    def predict_each(self, support: Any, query_image: torch.Tensor, index: torch.Tensor) -> list[Prediction]:
+        """Query slices against each of their support rows ``index`` [Q, k]: k predictions. A
+        method whose query work does not depend on the support overrides this to do it once."""
+        return [self.predict(support, query_image, index[:, j]) for j in range(index.shape[1])]
+
     @torch.no_grad()
     def segment(self, support: Any, query_image: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Foreground probability [Q, 1, H, W] in [0, 1]; every query uses support row 0 by default."""

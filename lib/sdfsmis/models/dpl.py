@@ -206,7 +206,16 @@ class DPL(OneShotModel):
         return self._enhance(self.features(image), mask, noise)
 
     def predict(self, support: PrototypeSupport, query_image: torch.Tensor, index: torch.Tensor) -> Prediction:
+        return self._predict(support, self.features(query_image), index)
+
+    def predict_each(
+        self, support: PrototypeSupport, query_image: torch.Tensor, index: torch.Tensor
+    ) -> list[Prediction]:
+        """The query's DINOv2 features once for all of its k support rows."""
         features = self.features(query_image)
+        return [self._predict(support, features, index[:, j]) for j in range(index.shape[1])]
+
+    def _predict(self, support: PrototypeSupport, features: torch.Tensor, index: torch.Tensor) -> Prediction:
         return Prediction(
             self._probability(features, support.enhanced[index]),
             self._probability(features, support.variants[index]),

@@ -11,11 +11,12 @@ import time
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from sdfsmis.volume import LABEL_FORMATS, VolumeError, load_volume
+from sdfsmis.inference import LabelReport
+from sdfsmis.volume import LABEL_FORMATS, Volume, VolumeError, load_volume
 
 from ..configs import ModelRuntime
 from .guard import http_errors, parse_label_ids
-from .support import resolve_support, support_label_ids
+from .support import resolve_supports, support_label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ DESCRIPTIONS = {
 }
 #: Slices listed for review per label (lowest confidence first).
 REVIEW_SLICES = 5
+#: The colour of every "<label> - review" segment (param ``review_segment``): yellow, unlike any organ.
+REVIEW_COLOUR = [255, 255, 0]
 
 
 class OneShotInfer(InferTask):
@@ -38,7 +41,7 @@ class OneShotInfer(InferTask):
             labels=None,  # labels come from the support of each request
             dimension=3,
             description=DESCRIPTIONS[runtime.method],
-            config={"support": "", "labels": ""},
+            config={"support": "", "labels": "", "review_segment": False},
         )
         self.runtime = runtime
         self.datastore = datastore
@@ -58,25 +61,32 @@ class OneShotInfer(InferTask):
     def _infer(self, request: dict) -> tuple[str, dict]:
         started = time.perf_counter()
         segmenter, trained = self.runtime.segmenter()
-        support = resolve_support(request, self.datastore, request.get("image_id"))
+        supports = resolve_supports(request, self.datastore, request.get("image_id"))
         query = load_volume(request["image"], max_voxels=self.runtime.settings.max_voxels)
-        support_image, support_label = support.load(query, self.runtime.settings.max_voxels)
-        wanted = parse_label_ids(request.get("labels"), support.label_names)
-        result = segmenter.segment(support_image, support_label, query, wanted)
+        volumes = [support.volume(query, self.runtime.settings.max_voxels) for support in supports]
+        names = {k: v for support in reversed(supports) for k, v in support.label_names.items()}  # first one wins
+        wanted = parse_label_ids(request.get("labels"), names)
+        result = segmenter.segment_with(volumes, query, wanted)
         # OHIF asks for raw NRRD (result_extension ".nrrd"), Slicer and the CLI get NIfTI
         suffix = request.get("result_extension") or ".nii.gz"
         if suffix not in LABEL_FORMATS:
             raise VolumeError(f"result_extension {suffix!r} is not supported: use one of {', '.join(LABEL_FORMATS)}")
+        names = {k: names.get(k, f"label_{k}") for k in result.reports}
+        colours = {k: next((s.colour(k) for s in supports if k in s.label_names), supports[0].colour(k)) for k in names}
+        labels, review = result.with_review() if is_true(request.get("review_segment")) else (result.labels, {})
+        for label_id, review_id in review.items():
+            names[review_id] = f"{names[label_id]} - review"
+            colours[review_id] = REVIEW_COLOUR
         output = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
-        query.save_label(result.labels, output)
-        names = {k: support.name(k) for k in result.reports}
+        query.save_label(labels, output)
         summary = result.summary()
         response = {
             "label_names": {name: k for k, name in names.items()},
-            "label_colors": {names[k]: support.colour(k) for k in result.reports},
-            "support": support.describe(),
-            "voxels": {names[k]: r.voxels for k, r in result.reports.items()},
+            "label_colors": {names[k]: colours[k] for k in names},
+            "support": supports[0].describe() if len(supports) == 1 else [s.describe() for s in supports],
+            "voxels": {names[k]: int((labels == k).sum()) for k in names},
             "support_slices": summary["support_slices"],
+            "served_by": {names[k]: served_by(r, query) for k, r in result.reports.items()},
             "method": self.runtime.method,
             "trained": trained,
             "seconds": round(time.perf_counter() - started, 3),
@@ -85,11 +95,33 @@ class OneShotInfer(InferTask):
         if result.uncertainty is not None:  # per label, slices numbered as in the returned image
             confidence = result.confidence(query)
             response["confidence"] = {names[k]: confidence[k] for k in confidence}
-            review = result.review_slices(query, REVIEW_SLICES)
-            response["review_slices"] = {names[k]: review[k] for k in review}
+            review_slices = result.review_slices(query, REVIEW_SLICES)
+            response["review_slices"] = {names[k]: review_slices[k] for k in review_slices}
         if not trained:
             response["warning"] = (
                 f"untrained {self.runtime.title} head (allow_untrained): this result is not meaningful"
             )
         logger.info(f"{self.runtime.method}: {response}")
         return output, response
+
+
+def is_true(value: object) -> bool:
+    """A boolean request param as Slicer (true/false) or a query string ("true", "1") sends it."""
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
+def served_by(report: LabelReport, query: Volume) -> list[dict]:
+    """Per support image of a label: its support slices, and the query slices it served (first and
+    last, numbered as in the returned image) with the rule that placed it."""
+    served = []
+    for part in report.served_by:
+        ends = sorted(query.original_slice(z) for z in (part.placement.first, part.placement.last))
+        served.append(
+            {
+                "image": part.name,
+                "support_slices": part.support_slices,
+                "query_slices": ends,
+                "rule": part.placement.rule,
+            }
+        )
+    return served

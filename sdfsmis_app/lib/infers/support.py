@@ -3,8 +3,9 @@ drew wins over anything implicit):
 
 a. a labelmap uploaded with the request (Slicer's scribbles path: the file ``label``) -> the
    annotated slices of the SAME image are the support;
-b. the request param ``support`` = an image id whose final label is the support (cohort flow);
-   a named support that cannot serve is an error naming it, never replaced by another one;
+b. the request param ``support`` = the id of an image whose final label is the support, or a
+   list of them (``"a,b"`` or ``["a", "b"]``: several patients, combined per query slice); a named
+   support that cannot serve is an error naming it, never replaced by another one;
 c. a submitted final label of the same image (a partially annotated volume) -> same as a.;
 d. the most recently submitted final label in the datastore.
 """
@@ -18,7 +19,7 @@ from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from sdfsmis.dicom_seg import palette_colour
-from sdfsmis.inference import select_label_ids
+from sdfsmis.inference import SupportVolume, select_label_ids
 from sdfsmis.volume import Volume, VolumeError, check_same_geometry, load_volume
 
 FINAL = DefaultLabelTag.FINAL.value
@@ -63,6 +64,11 @@ class Support:
         except VolumeError as error:
             raise type(error)(f"{self.what()}: {error}") from error
         return image, label
+
+    def volume(self, query: Volume | None = None, max_voxels: int | None = None) -> SupportVolume:
+        """The loaded support as the segmenter takes it, named as the user knows it."""
+        image, label = self.load(query, max_voxels)
+        return SupportVolume(image, label, self.image_id or "uploaded label")
 
     def describe(self) -> dict:
         return {
@@ -142,21 +148,38 @@ def named_support(datastore: Datastore, requested: object) -> Support:
     return support
 
 
-def resolve_support(request: dict, datastore: Datastore, image_id: str | None) -> Support:
+def support_ids(requested: object) -> list[str]:
+    """Param ``support``: one image id, ``"a,b"`` or a list of ids."""
+    items = requested if isinstance(requested, list) else str(requested).split(",")
+    ids = [str(item).strip() for item in items if str(item).strip()]
+    if not ids:
+        raise SupportNotFound(f"param 'support' names no image: {requested!r}")
+    return ids
+
+
+def named_supports(datastore: Datastore, requested: object) -> list[Support]:
+    """Every image named by param ``support``, each with its final label."""
+    return [named_support(datastore, image) for image in support_ids(requested)]
+
+
+def resolve_supports(request: dict, datastore: Datastore, image_id: str | None) -> list[Support]:
+    """The supports of a request, by the precedence above."""
     if request.get("label"):
-        return Support(
-            Path(request["image"]),
-            Path(request["label"]),
-            "uploaded_label",
-            image_id,
-            label_names_from_info(request.get("label_info") or request.get("label_names")),
-            label_colours_from_info(request.get("label_info")),
-        )
+        return [
+            Support(
+                Path(request["image"]),
+                Path(request["label"]),
+                "uploaded_label",
+                image_id,
+                label_names_from_info(request.get("label_info") or request.get("label_names")),
+                label_colours_from_info(request.get("label_info")),
+            )
+        ]
     if request.get("support"):
-        return named_support(datastore, request["support"])
+        return named_supports(datastore, request["support"])
     if image_id and (support := _final_label(datastore, image_id)):
         support.source = "same_image_label"
-        return support
+        return [support]
     latest = max(
         (
             (datastore.get_label_info(label_id, FINAL).get("ts", 0), image)
@@ -172,4 +195,4 @@ def resolve_support(request: dict, datastore: Datastore, image_id: str | None) -
         )
     support = _final_label(datastore, latest[1])
     support.source = "latest_label"
-    return support
+    return [support]

@@ -11,14 +11,20 @@ bottleneck, over the organ slices: what the method would score if it were perfec
     prediction is (a perfect UNet would output exactly that latent).
 ``distance``: from a propagation ``results.json``, each method's mean 2-D Dice of the
 non-annotated organ slices by their distance (in slices) to the nearest annotated slice.
+``reach``: a method's propagation Dice as the product gives it (every slice of the volume
+segmented) and with its prediction cut to the nearest-slice copy's reach (the annotated range
++- half the median gap): how much of the gap to the copy is false positives beyond the organ.
 
-    python apps/propagation_analysis.py ceiling --data DST --backbone BACKBONE [--cases 5]
+    python apps/propagation_analysis.py ceiling --data DST --backbone BACKBONE [--cases 5] [--dpl-grid 32]
     python apps/propagation_analysis.py distance RESULTS.json [RESULTS.json ...]
+    python apps/propagation_analysis.py reach --data DST --backbone BACKBONE --method dpl \
+        --checkpoint 'CKPT/fold{fold}/dpl.safetensors' [--folds 5] [--supports-per-query 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +35,10 @@ import torch.nn.functional as F
 
 from sdfsmis.config import load_config
 from sdfsmis.evaluation.dataset import PreparedDataset
-from sdfsmis.evaluation.protocol import organ_slices
+from sdfsmis.evaluation.methods import MethodFactory
+from sdfsmis.evaluation.nearest_slice import NearestSliceCopy
+from sdfsmis.evaluation.protocol import annotated_slices, make_folds, organ_slices
+from sdfsmis.inference import VolumeSegmenter
 from sdfsmis.models import load_model
 from sdfsmis.volume import SliceGrid, axial_slices, load_volume
 
@@ -39,12 +48,13 @@ def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def ceiling(data: Path, backbone: Path, cases: int | None) -> str:
+def ceiling(data: Path, backbone: Path, cases: int | None, dpl_grid: int | None = None) -> str:
     dataset = PreparedDataset.load(data)
     config = load_config(None, backbone)
     codec = load_model("sdfsmis", backbone, config, None).eval().codec
     dpl = load_model("dpl", backbone, config, None)
-    resolution, grid_side = config.model.resolution, config.dpl.image_size // dpl.dinov2.config.patch_size
+    resolution = config.model.resolution
+    grid_side = dpl_grid or config.dpl.image_size // dpl.dinov2.config.patch_size
     found: dict = defaultdict(lambda: defaultdict(list))
     for case in dataset.cases[:cases]:
         label = load_volume(dataset.label(case), label=True).data
@@ -105,6 +115,47 @@ def distance(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def reach(data: Path, backbone: Path, key: str, checkpoint: str, folds: int, supports_per_query: int | None) -> str:
+    dataset = PreparedDataset.load(data)
+    config = load_config(None, backbone)
+    if supports_per_query is not None:
+        config.inference.supports_per_query = supports_per_query
+    factory = MethodFactory(backbone, checkpoint, config, dpl_checkpoint=checkpoint)
+    found: dict = defaultdict(lambda: defaultdict(list))
+    for fold in make_folds(dataset.cases, folds):
+        method = factory(key, fold.index)
+        segmenter = VolumeSegmenter(method.model, config.inference, progress=False)
+        for case in fold.cases:
+            image, label = load_volume(dataset.image(case)), load_volume(dataset.label(case), label=True)
+            for label_id in dataset.test_labels:
+                truth = label.data == label_id
+                drawn_z = annotated_slices(label.data, label_id)
+                if len(drawn_z) == len(organ_slices(label.data, label_id)):
+                    continue
+                drawn = np.zeros_like(truth)
+                drawn[..., drawn_z] = truth[..., drawn_z]
+                support = dataclasses.replace(label, data=np.where(drawn, label_id, 0).astype(label.data.dtype))
+                prediction = segmenter.segment(image, support, image, [label_id]).labels == label_id
+                prediction[..., drawn_z] = truth[..., drawn_z] = False  # scored without the annotated slices
+                low, high = NearestSliceCopy.reach(np.asarray(drawn_z), truth.shape[2])
+                cut = np.zeros_like(prediction)
+                cut[..., low : high + 1] = prediction[..., low : high + 1]
+                organ = dataset.organ(label_id)
+                found[organ]["as given"].append(_dice(prediction, truth))
+                found[organ]["cut to the copy's reach"].append(_dice(cut, truth))
+    names = ["as given", "cut to the copy's reach"]
+    lines = [
+        f"{dataset.name}, {method.title}: propagation 3-D Dice (%) over the non-annotated slices, mean over volumes",
+        "",
+        "| class | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for organ, values in found.items():
+        lines.append(f"| {organ} | " + " | ".join(f"{100 * np.mean(values[n]):.1f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,10 +163,23 @@ def main() -> None:
     first.add_argument("--data", type=Path, required=True)
     first.add_argument("--backbone", type=Path, required=True)
     first.add_argument("--cases", type=int, default=None, help="only the first N cases")
+    first.add_argument("--dpl-grid", type=int, default=None, help="another DPL patch grid side (e.g. 32: 448 px)")
     second = commands.add_parser("distance")
     second.add_argument("results", type=Path, nargs="+")
+    third = commands.add_parser("reach")
+    third.add_argument("--data", type=Path, required=True)
+    third.add_argument("--backbone", type=Path, required=True)
+    third.add_argument("--method", default="dpl", help="sdfsmis, dpl or a baseline's key, as in sdfsmis evaluate")
+    third.add_argument("--checkpoint", default=None, help="the method's weights, a pattern with {fold}")
+    third.add_argument("--folds", type=int, default=5)
+    third.add_argument("--supports-per-query", type=int, default=None)
     args = parser.parse_args()
-    print(ceiling(args.data, args.backbone, args.cases) if args.command == "ceiling" else distance(args.results))
+    if args.command == "ceiling":
+        print(ceiling(args.data, args.backbone, args.cases, args.dpl_grid))
+    elif args.command == "distance":
+        print(distance(args.results))
+    else:
+        print(reach(args.data, args.backbone, args.method, args.checkpoint, args.folds, args.supports_per_query))
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def test_evaluate_end_to_end(chaos, tiny_backbone, tmp_path):
     assert all(v["seconds"] > 0 for v in volumes)
 
     realistic = tmp_path / "realistic"
-    main([*args, "--method", "prototype", "--protocol", "realistic", "--output", str(realistic)])
+    one = ["--supports-per-query", "1"]  # the presets blend two supports: their disagreement is a confidence
+    main([*args, *one, "--method", "prototype", "--protocol", "realistic", "--output", str(realistic)])
     results = json.loads((realistic / "results.json").read_text())
     volumes = results["volumes"]
     assert len(volumes) == 2 * 4 and all(v["slices"] == 10 for v in volumes)  # every query slice

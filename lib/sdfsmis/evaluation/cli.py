@@ -118,17 +118,26 @@ def cmd_evaluate_loop(args: argparse.Namespace) -> None:
     from ..models import load_model
     from .dataset import PreparedDataset
     from .loop import run
+    from .methods import checkpoint_for_fold
+    from .protocol import make_folds
 
     config = load_config(args.config, args.backbone)
-    checkpoints = {"sdfsmis": args.checkpoint, "dpl": args.dpl_checkpoint}
+    dataset = PreparedDataset.load(args.data)
+    if args.fold is None:  # the first cases; the models must not have seen them (e.g. cross-domain)
+        queries, fold = dataset.cases[: args.queries], 0
+    else:  # fold K's test cases, each segmented by fold K's models (trained without them)
+        queries, fold = make_folds(dataset.cases, args.folds)[args.fold].cases[: args.queries], args.fold
+    checkpoints = {
+        "sdfsmis": checkpoint_for_fold(args.checkpoint, fold),
+        "dpl": checkpoint_for_fold(args.dpl_checkpoint, fold),
+    }
     segmenters = {}
     for method in args.method.split(","):
         if checkpoints.get(method) is None:
             raise SystemExit(f"error: --method {method} needs its checkpoint (--checkpoint / --dpl-checkpoint)")
         model = load_model(method, args.backbone, config, checkpoints[method]).eval()
         segmenters[method] = VolumeSegmenter(model, config.inference, progress=False)
-    dataset = PreparedDataset.load(args.data)
-    print(run(dataset, segmenters, config, args.output, args.pairs, args.queries))
+    print(run(dataset, segmenters, config, args.output, args.pairs, queries))
 
 
 def add_evaluation_commands(commands) -> None:
@@ -175,6 +184,8 @@ def add_evaluation_commands(commands) -> None:
     loop.add_argument("--dpl-checkpoint", default=None, help="DPL weights")
     loop.add_argument("--pairs", type=int, default=10, help="support/query pairs of the placement study")
     loop.add_argument("--queries", type=int, default=10, help="query volumes of the support-count study")
+    loop.add_argument("--fold", type=int, default=None, help="queries: fold K's test cases, checkpoints '{fold}'")
+    loop.add_argument("--folds", type=int, default=5)
     loop.add_argument("--output", required=True, type=Path)
     loop.set_defaults(run=cmd_evaluate_loop)
 

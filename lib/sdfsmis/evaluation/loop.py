@@ -63,6 +63,11 @@ def field_of_view(image: Path, label: Path, folder: Path, cut_top: float, cut_bo
     return load_volume(folder / "image.nii.gz"), load_volume(folder / "label.nii.gz", label=True)
 
 
+def _organs(dataset: PreparedDataset) -> dict[str, int]:
+    """The classes the data set is tested on: organ name -> label id."""
+    return {dataset.organ(k): k for k in dataset.test_labels}
+
+
 def _range_figures(place: placement.Placement, truth: np.ndarray) -> dict:
     inside = (truth >= place.first) & (truth <= place.last)
     segmented = place.last - place.first + 1
@@ -99,7 +104,7 @@ def placement_study(dataset: PreparedDataset, config: SDFSMISConfig, work: Path,
             registration = placement.register_volumes(support, support_data, query, query_data)
             seconds = time.perf_counter() - started
             depth = query.data.shape[2]
-            for organ, label_id in dataset.labels.items():
+            for organ, label_id in _organs(dataset).items():
                 drawn = support_label.data == label_id
                 annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
                 if annotated.size == 0:
@@ -127,12 +132,15 @@ def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * (prediction & truth).sum() / total) if total else 1.0
 
 
-def support_count_study(dataset: PreparedDataset, segmenters: dict[str, VolumeSegmenter], queries: int) -> list[dict]:
-    """Per (method, query, support count, organ): 3-D Dice from that many other patients, with the
-    per-slice confidence and Dice of the segmented slices."""
+def support_count_study(
+    dataset: PreparedDataset, segmenters: dict[str, VolumeSegmenter], queries: list[str]
+) -> list[dict]:
+    """Per (method, query, support count, organ): 3-D Dice from that many other patients (the
+    cases after the query, in order), with the per-slice confidence and Dice of the segmented
+    slices."""
     cases, records = dataset.cases, []
-    for q in range(min(queries, len(cases))):
-        query_case = cases[q]
+    for query_case in queries:
+        q = cases.index(query_case)
         query = load_volume(dataset.image(query_case))
         truth = load_volume(dataset.label(query_case), label=True).data
         others = [cases[(q + 1 + k) % len(cases)] for k in range(max(SUPPORT_COUNTS))]
@@ -141,8 +149,8 @@ def support_count_study(dataset: PreparedDataset, segmenters: dict[str, VolumeSe
         ]
         for method, segmenter in segmenters.items():
             for count in SUPPORT_COUNTS:
-                result = segmenter.segment_with(volumes[:count], query, list(dataset.labels.values()))
-                for organ, label_id in dataset.labels.items():
+                result = segmenter.segment_with(volumes[:count], query, list(_organs(dataset).values()))
+                for organ, label_id in _organs(dataset).items():
                     report = result.reports[label_id]
                     target = truth == label_id
                     found = result.labels == label_id
@@ -212,21 +220,27 @@ def run(
     config: SDFSMISConfig,
     output: Path,
     pairs: int,
-    queries: int,
+    queries: list[str],
 ) -> str:
-    """Both studies; writes ``loop.json`` and ``loop.md`` under ``output`` and returns the tables."""
+    """Both studies (``pairs`` 0 or no ``queries`` skips one); writes ``loop.json`` and ``loop.md``
+    under ``output`` and returns the tables."""
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     placements = placement_study(dataset, config, output / "fields_of_view", pairs)
     counts = support_count_study(dataset, segmenters, queries)
     seconds = time.perf_counter() - started
     title = f"{dataset.name} ({dataset.modality}, {len(dataset.cases)} volumes)"
-    tables = (
-        f"### {title}: the organ's range in a query with another field of view ({pairs} support/query pairs)\n\n"
-        f"{summarise_placement(placements)}\n\n"
-        f"### {title}: Dice (%) from 1, 2 and 4 support patients ({queries} query volumes)\n\n"
-        f"{summarise_supports(counts)}\n"
-    )
+    tables = ""
+    if placements:
+        tables += (
+            f"### {title}: the organ's range in a query with another field of view ({pairs} support/query pairs)\n\n"
+            f"{summarise_placement(placements)}\n\n"
+        )
+    if counts:
+        tables += (
+            f"### {title}: Dice (%) from 1, 2 and 4 support patients (query volumes {', '.join(queries)})\n\n"
+            f"{summarise_supports(counts)}\n"
+        )
     inference = dataclasses.asdict(config.inference)
     (output / "loop.json").write_text(
         json.dumps({"inference": inference, "seconds": seconds, "placement": placements, "supports": counts}, indent=1)

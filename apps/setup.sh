@@ -9,9 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check --upgrade pip
-# --no-compile: Python compiles what is imported, when it is first imported; byte-compiling every
-# installed file up front (all of torch) took a minute of the 2.5-minute install (146 s -> 92 s).
-python -m pip install -q --disable-pip-version-check --no-compile -r requirements.txt
-python -m pip install -q --disable-pip-version-check --no-compile --no-deps monailabel==0.8.5
+python -m pip install -q --disable-pip-version-check -r requirements.txt
+python -m pip install -q --disable-pip-version-check --no-deps monailabel==0.8.5
 python -m pip install -q --disable-pip-version-check --no-deps -e lib
 python -c "import torch, monai, diffusers, transformers, monailabel, sdfsmis; print('environment ready: torch', torch.__version__, '| monailabel', monailabel.__version__)"

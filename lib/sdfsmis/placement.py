@@ -119,7 +119,7 @@ def _sitk_image(volume: Volume, data: np.ndarray) -> sitk.Image:
     return sitk.BinShrink(image, factors)
 
 
-def _method(iterations: int) -> sitk.ImageRegistrationMethod:
+def _method() -> sitk.ImageRegistrationMethod:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.REGULAR)
@@ -146,7 +146,7 @@ def register(query: sitk.Image, support: sitk.Image) -> tuple[sitk.Similarity3DT
     )
     steps = int(reach // SEARCH_STEP_MM)
     best_z, start_metric = 0.0, np.inf
-    probe = _method(0)
+    probe = _method()
     for k in range(-steps, steps + 1):
         candidate = sitk.Similarity3DTransform(centred)
         shift = np.asarray(candidate.GetTranslation()) + [0.0, 0.0, k * SEARCH_STEP_MM]
@@ -161,7 +161,7 @@ def register(query: sitk.Image, support: sitk.Image) -> tuple[sitk.Similarity3DT
     transform = sitk.Similarity3DTransform(centred)
     transform.SetTranslation((np.asarray(transform.GetTranslation()) + [0.0, 0.0, best_z]).tolist())
     # 2. similarity refinement (rotation, isotropic scale, translation), coarse to fine
-    refine = _method(60)
+    refine = _method()
     refine.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 60, relaxationFactor=0.6)
     refine.SetOptimizerScalesFromPhysicalShift()
     refine.SetShrinkFactorsPerLevel([2, 1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdfsmis.config import load_config
-from sdfsmis.inference import VolumeSegmenter, nearest_supports
+from sdfsmis.inference import VolumeSegmenter, nearest_supports, review_ids
 from sdfsmis.models import load_model
 from sdfsmis.synthetic import make_volume, write_nifti
 from sdfsmis.volume import load_volume
@@ -92,3 +92,12 @@ def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, pat
     assert result.reports[LIVER].support_slices == [int(z) for z in annotated]
     assert encoded == [len(annotated)]  # one batch of supports, once
     assert sum(predicted) == truth.shape[2]  # each query slice once (its features once for all its supports)
+
+
+def test_review_ids_depend_only_on_the_label_ids_and_never_collide():
+    # what /info lists before any result (OHIF builds its segments from it) is what a result uses
+    assert review_ids({1, 4}) == {1: 101, 4: 104}
+    assert review_ids([4, 1]) == review_ids({1, 4})
+    crowded = review_ids({1, 101, 200})  # 101 is a label, 300 does not fit a uint8 labelmap
+    assert crowded == {1: 201, 101: 202, 200: 203}
+    assert not set(crowded.values()) & {1, 101, 200} and len(set(crowded.values())) == 3

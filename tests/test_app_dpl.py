@@ -148,6 +148,9 @@ def test_review_segment_is_returned_as_a_named_segment(server, tmp_path):
     review = {name: idx for name, idx in names.items() if name.endswith(" - review")}
     assert review and set(review) <= {"liver - review", "left kidney - review"}
     assert all(params["label_colors"][name] == [255, 255, 0] for name in review)
+    # at the ids /info lists, so that OHIF shows them as its own segments
+    listed = client.info()["models"]["dpl"]["labels"]
+    assert all(listed[name] == idx == names[name.removesuffix(" - review")] + 100 for name, idx in review.items())
     labels = np.asarray(nib.load(result_file).dataobj)
     before = np.asarray(nib.load(plain_file).dataobj)
     for name, idx in review.items():

@@ -99,7 +99,9 @@ def test_dicomweb_mode_serves_ct_and_mr_series_offline(server, studies):
     assert info["datastore"]["total"] == 6  # 4 CT + 2 MR image series; the SEGs are labels, not images
     for model in ("sdfsmis", "dpl"):
         assert info["models"][model]["type"] == "segmentation"  # listed by OHIF's Auto-Segmentation tab
-        assert info["models"][model]["labels"] == {"liver": 1, "spleen": 4}  # read from the SEG supports
+        # read from the SEG supports, each with its review segment (param review_segment) at id + 100
+        expected = {"liver": 1, "liver - review": 101, "spleen": 4, "spleen - review": 104}
+        assert info["models"][model]["labels"] == expected
 
 
 def test_seg_support_on_another_study_segments_the_query_with_its_names_and_colours(server, studies, tmp_path):
@@ -187,8 +189,24 @@ def _slice_counts_by_world_z(image: sitk.Image, label_id: int) -> dict[float, in
     }
 
 
-@pytest.mark.parametrize("model, study", [("sdfsmis", "ct_ohif"), ("dpl", "ct_ohif_dpl")])
-def test_ohif_runs_the_model_and_displays_the_segmentation(model, study, server, pacs, studies, tmp_path):
+def _tick_model_option(driver, wait, model: str, option: str) -> None:
+    """In OHIF's "Options / Configurations" dialog: the infer section, the model, tick a boolean, Confirm."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver.find_element(By.XPATH, "//a[normalize-space()='Options / Configurations']").click()
+    name = wait.until(lambda d: d.find_element(By.NAME, "selectName"))
+    Select(name).select_by_value(model)
+    box = wait.until(lambda d: d.find_element(By.ID, f"infer{model}{option}"))
+    assert box.get_attribute("type") == "checkbox" and not box.is_selected()
+    box.click()
+    driver.find_element(By.XPATH, "//button[normalize-space()='Confirm']").click()
+    wait.until(lambda d: not d.find_elements(By.NAME, "selectName"))
+
+
+# sdfsmis as OHIF sends it by default; dpl with the option review_segment ticked in OHIF's dialog
+@pytest.mark.parametrize("model, study, review", [("sdfsmis", "ct_ohif", False), ("dpl", "ct_ohif_dpl", True)])
+def test_ohif_runs_the_model_and_displays_the_segmentation(model, study, review, server, pacs, studies, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver = _chromium_driver(tmp_path / "profile")
     try:
@@ -207,6 +225,8 @@ def test_ohif_runs_the_model_and_displays_the_segmentation(model, study, server,
         options = wait.until(lambda d: d.find_elements(By.XPATH, f"//option[normalize-space()='{model}']"))
         assert options, f"{model} is not listed in OHIF's MONAI Label panel"
         Select(options[0].find_element(By.XPATH, "..")).select_by_visible_text(model)
+        if review:
+            _tick_model_option(driver, wait, model, "review_segment")
         driver.get_log("browser")  # drop what came before the click
 
         run = driver.find_element(By.XPATH, "//button[normalize-space()='Run']")
@@ -226,10 +246,13 @@ def test_ohif_runs_the_model_and_displays_the_segmentation(model, study, server,
     assert "Running Segmentation - Successful" in page
     # the same request as OHIF's, through the client, for the server's own answer
     client = MONAILabelClient(server, tmpdir=str(tmp_path))  # not /tmp: the server deletes its own copy there
-    result_file, result = client.infer(model, studies[study]["series"], dict(OHIF_PARAMS))
+    params = {**OHIF_PARAMS, "review_segment": True} if review else dict(OHIF_PARAMS)
+    result_file, result = client.infer(model, studies[study]["series"], params)
     assert result["method"] == model
     ohif_index = {name: index for index, name in state["segments"]}
     assert set(result["label_names"]) <= set(ohif_index)  # OHIF segments carry the support's names
+    reviewed = [name for name in result["label_names"] if name.endswith(" - review")]
+    assert bool(reviewed) == review  # a review segment only when asked for, shown below like any other
     served = sitk.ReadImage(result_file)
     for name, label_id in result["label_names"].items():
         shown = state["perSlice"].get(str(ohif_index[name]), [0] * state["dimensions"][2])
@@ -239,8 +262,17 @@ def test_ohif_runs_the_model_and_displays_the_segmentation(model, study, server,
         z = [round(state["origin"][2] + k * step, 2) for k in range(len(shown))]
         expected = _slice_counts_by_world_z(served, label_id)
         assert dict(zip(z, shown)) == expected
-    # the radiologist accepts the result as final: a DICOM SEG goes back to the PACS
-    label_info = [{"idx": idx, "name": name} for name, idx in result["label_names"].items()]
-    client.save_label(studies[study]["series"], result_file, tag="final", params={"label_info": label_info})
+    # the radiologist accepts the result as final (review voxels back to their organ): a DICOM SEG goes to the PACS
+    names = result["label_names"]
+    accepted = sitk.GetArrayFromImage(served)
+    for name in reviewed:
+        accepted[accepted == names[name]] = names[name.removesuffix(" - review")]
+    accepted_image = sitk.GetImageFromArray(accepted)
+    accepted_image.CopyInformation(served)
+    sitk.WriteImage(accepted_image, str(tmp_path / "accepted.nrrd"))
+    label_info = [{"idx": idx, "name": name} for name, idx in names.items() if name not in reviewed]
+    client.save_label(
+        studies[study]["series"], str(tmp_path / "accepted.nrrd"), tag="final", params={"label_info": label_info}
+    )
     (seg,) = _segs_of(pacs, studies[study]["series"])
     assert {(s["idx"], s["name"]) for s in seg["segments"]} == {(e["idx"], e["name"]) for e in label_info}

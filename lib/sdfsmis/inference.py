@@ -53,6 +53,26 @@ class LabelReport:
         return [self.query_slices[i] for i in order if self.confidence[i] < 1.0][:count]
 
 
+#: A label's review segment has id ``label + REVIEW_ID_OFFSET``, so a viewer can list it before any
+#: result exists (OHIF builds its segments from ``/info``) and it fits a uint8 labelmap.
+REVIEW_ID_OFFSET = 100
+
+
+def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
+    """{label id: review segment id}, from the label ids alone so that the same labels always get
+    the same review ids: ``label + 100``, or, where that is taken or above 255, the next free id
+    after every label and review id given so far."""
+    taken = set(label_ids)
+    ids: dict[int, int] = {}
+    for label_id in sorted(taken):
+        wanted = label_id + REVIEW_ID_OFFSET
+        if wanted in taken or wanted > 255:
+            wanted = max(taken) + 1
+        ids[label_id] = wanted
+        taken.add(wanted)
+    return ids
+
+
 @dataclass
 class SegmentationResult:
     labels: np.ndarray  # [X, Y, Z] in the query's RAS working orientation
@@ -62,15 +82,13 @@ class SegmentationResult:
     review: dict[int, np.ndarray] = field(default_factory=dict)  # per label: voxels where the members disagree
 
     def with_review(self) -> tuple[np.ndarray, dict[int, int]]:
-        """The labels with each label's review region as a segment of its own (ids after the
-        largest label id, in label order) and {label id: review id}. A review voxel leaves its
-        label's segment: a labelmap holds one segment per voxel."""
+        """The labels with each non-empty review region as a segment of its own (:func:`review_ids`)
+        and {label id: review id}. A review voxel leaves its label's segment: a labelmap holds one
+        segment per voxel."""
         labels = self.labels.copy()
-        ids = {}
-        for label_id in sorted(self.review):
-            if self.review[label_id].any():
-                ids[label_id] = max(self.reports) + 1 + len(ids)
-                labels[self.review[label_id]] = ids[label_id]
+        ids = {k: v for k, v in review_ids(set(self.reports)).items() if k in self.review and self.review[k].any()}
+        for label_id, review_id in ids.items():
+            labels[self.review[label_id]] = review_id
         return labels, ids
 
     def confidence(self, query: Volume) -> dict[int, dict[int, float]]:

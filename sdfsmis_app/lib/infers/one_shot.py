@@ -11,7 +11,7 @@ import time
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from sdfsmis.inference import LabelReport
+from sdfsmis.inference import LabelReport, review_ids
 from sdfsmis.volume import LABEL_FORMATS, Volume, VolumeError, load_volume
 
 from ..configs import ModelRuntime
@@ -50,9 +50,13 @@ class OneShotInfer(InferTask):
         return True  # listed even when unavailable: info() says why
 
     def info(self) -> dict:
-        # OHIF builds its segment list from the model's labels when it connects
+        # OHIF builds its segment list from the model's labels when it connects, review segments too
         status = self.runtime.status()
-        return {**super().info(), "labels": support_label_ids(self.datastore), self.runtime.method: status}
+        return {
+            **super().info(),
+            "labels": labels_with_review(support_label_ids(self.datastore)),
+            self.runtime.method: status,
+        }
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         with http_errors():
@@ -75,7 +79,7 @@ class OneShotInfer(InferTask):
         colours = {k: next((s.colour(k) for s in supports if k in s.label_names), supports[0].colour(k)) for k in names}
         labels, review = result.with_review() if is_true(request.get("review_segment")) else (result.labels, {})
         for label_id, review_id in review.items():
-            names[review_id] = f"{names[label_id]} - review"
+            names[review_id] = review_name(names[label_id])
             colours[review_id] = REVIEW_COLOUR
         output = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
         query.save_label(labels, output)
@@ -103,6 +107,20 @@ class OneShotInfer(InferTask):
             )
         logger.info(f"{self.runtime.method}: {response}")
         return output, response
+
+
+def review_name(name: str) -> str:
+    return f"{name} - review"
+
+
+def labels_with_review(labels: dict[str, int]) -> dict[str, int]:
+    """{name: id} of the structures, each followed by its review segment with the id a result gives it."""
+    reviews = review_ids(set(labels.values()))
+    listed = {}
+    for name, label_id in labels.items():
+        listed[name] = label_id
+        listed[review_name(name)] = reviews[label_id]
+    return listed
 
 
 def is_true(value: object) -> bool:

@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 bash apps/system_packages.sh  # Orthanc + Chromium for the OHIF test (skips with the reason if impossible)
 bash apps/setup.sh
 . .venv/bin/activate
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# test modules run in parallel worker processes (pytest-xdist, one module per worker at a time),
+# at most 2 and never more than the cores; each worker's torch gets its share of the cores
+CORES=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
+WORKERS="${SDFSMIS_TEST_WORKERS:-$(( CORES < 2 ? 1 : 2 ))}"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / WORKERS > 2 ? 2 : (CORES / WORKERS < 1 ? 1 : CORES / WORKERS) ))}"
 ruff check lib tests sdfsmis_app apps
-python -m pytest -q "$@" tests
+python -m pytest -q -n "$WORKERS" --dist loadfile "$@" tests

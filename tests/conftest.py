@@ -1,18 +1,40 @@
 """Shared fixtures: a tiny backbone built from config and saved to disk, loaded through the
-same code path as the real weights."""
+same code path as the real weights, and the trained tiny models, each built once per test run
+even when pytest-xdist runs the modules in several worker processes."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the cores are shared by the xdist workers (apps/test.sh sets OMP_NUM_THREADS to their share)
+torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1)))))
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> tuple[Path, object]:
+    """(folder, what ``build(folder)`` returned, JSON-able): built by the first worker that asks,
+    under a file lock, and reused by the others; a plain pytest run builds it in its own temp."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        return folder, json.loads(json.dumps(build(folder), default=str))
+    folder = tmp_path_factory.getbasetemp().parent / name  # shared by the workers of this run
+    done = folder / ".built.json"
+    with FileLock(f"{folder}.lock"):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder), default=str))
+    return folder, json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +65,10 @@ def fitted_backbone(tmp_path_factory) -> Path:
     from sdfsmis.backbone import make_tiny_backbone
     from sdfsmis.tiny_vae import fit_tiny_vae
 
-    backbone = make_tiny_backbone(tmp_path_factory.mktemp("fitted") / "tiny")
-    fit_tiny_vae(backbone, steps=200)
-    return backbone
+    def build(folder: Path) -> None:
+        fit_tiny_vae(make_tiny_backbone(folder / "tiny"), steps=200)
+
+    return built_once(tmp_path_factory, "fitted", build)[0] / "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -55,20 +78,23 @@ def trained_checkpoint(fitted_backbone, tmp_path_factory) -> Path:
     from sdfsmis.synthetic import make_studies
     from sdfsmis.trainer import TrainingRun, train
 
-    root = tmp_path_factory.mktemp("trained")
-    images = make_studies(root / "studies", 4, seed=10)
-    run = TrainingRun(
-        fitted_backbone,
-        images,
-        root / "ckpt",
-        load_config(backbone=fitted_backbone),
-        iterations=250,
-        batch_size=4,
-        use_labels=False,
-        progress=False,
-    )
-    train(run)
-    return root / "ckpt" / "sdfsmis.safetensors"
+    def build(root: Path) -> None:
+        images = make_studies(root / "studies", 4, seed=10)
+        config = load_config(backbone=fitted_backbone)
+        train(
+            TrainingRun(
+                fitted_backbone,
+                images,
+                root / "ckpt",
+                config,
+                iterations=250,
+                batch_size=4,
+                use_labels=False,
+                progress=False,
+            )
+        )
+
+    return built_once(tmp_path_factory, "trained", build)[0] / "ckpt" / "sdfsmis.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -79,17 +105,21 @@ def trained_dpl(tiny_backbone, tmp_path_factory) -> tuple[dict, Path]:
     from sdfsmis.synthetic import make_studies
     from sdfsmis.trainer import TrainingRun, train
 
-    root = tmp_path_factory.mktemp("dpl_trained")
-    images = make_studies(root / "studies", 4, seed=10)
-    run = TrainingRun(
-        tiny_backbone,
-        images,
-        root / "ckpt",
-        load_config(backbone=tiny_backbone),
-        iterations=250,
-        batch_size=4,
-        use_labels=False,
-        progress=False,
-        method="dpl",
-    )
-    return train(run), root / "ckpt"
+    def build(root: Path) -> dict:
+        images = make_studies(root / "studies", 4, seed=10)
+        config = load_config(backbone=tiny_backbone)
+        run = TrainingRun(
+            tiny_backbone,
+            images,
+            root / "ckpt",
+            config,
+            iterations=250,
+            batch_size=4,
+            use_labels=False,
+            progress=False,
+            method="dpl",
+        )
+        return train(run)
+
+    root, summary = built_once(tmp_path_factory, "dpl_trained", build)
+    return summary, root / "ckpt"

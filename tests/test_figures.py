@@ -25,7 +25,7 @@ from sdfsmis.figures.display import PREDICTION, REFERENCE
 from sdfsmis.figures.montage import HEADER_PX, TILE_PX, TITLE_PX, Tile, render_montage, tile_box
 from sdfsmis.synthetic import make_studies
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
 
 def _sdfsmis(*args: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from sdfsmis.volume import VolumeError, check_same_geometry, load_volume
 
 
 def _sdfsmis(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     return subprocess.run(
         [sys.executable, "-m", "sdfsmis.cli", *args], capture_output=True, text=True, env=env, timeout=300
     )

@@ -19,7 +19,7 @@ from sdfsmis.checkpoints import read_state
 from sdfsmis.synthetic import make_studies
 from sdfsmis.weights import WEIGHTS_NAME, load_weights
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
 
 def _command(*args: str) -> list[str]:

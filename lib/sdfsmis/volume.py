@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import ITKWriter
 from nibabel import orientations
 
 LABEL_FORMATS = (".nii.gz", ".nii", ".nrrd")
@@ -76,6 +75,8 @@ class Volume:
         labels = self.to_original(array)
         dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
         if str(path).endswith(".nrrd"):
+            from monai.data import ITKWriter  # here: importing monai costs every CLI start ~2 s
+
             writer = ITKWriter(output_dtype=dtype, affine_lps_to_ras=True)  # our affine is RAS, ITK's LPS
             writer.set_data_array(labels.astype(dtype), channel_dim=None)
             writer.set_metadata({"affine": self.affine, "original_affine": self.affine}, resample=False)

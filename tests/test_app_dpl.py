@@ -161,3 +161,12 @@ def test_review_segment_is_returned_as_a_named_segment(server, tmp_path):
     reviewed = np.isin(labels, list(review.values()))
     np.testing.assert_array_equal(labels[~reviewed], before[~reviewed])  # elsewhere the same result
     assert "confidence" in params and "review_slices" in params
+
+    # submitted with the review voxels left in, as Slicer sends its segments: the review segments
+    # are not structures, neither listed as ones nor segmented in the next patient
+    label_info = [{"name": name, "idx": idx} for name, idx in names.items()]
+    client.save_label("case_002", result_file, tag="final", params={"label_info": label_info})
+    listed = client.info()["models"]["dpl"]["labels"]
+    assert set(listed) == {"liver", "liver - review", "left kidney", "left kidney - review"}
+    _, after = client.infer("dpl", "case_001", {"support": "case_002"})
+    assert set(after["label_names"]) == {"liver", "left kidney"}

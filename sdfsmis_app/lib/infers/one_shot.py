@@ -16,7 +16,7 @@ from sdfsmis.volume import LABEL_FORMATS, Volume, VolumeError, load_volume
 
 from ..configs import ModelRuntime
 from .guard import http_errors, parse_label_ids
-from .support import resolve_supports, support_label_ids
+from .support import resolve_supports, review_name, support_label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,6 @@ class OneShotInfer(InferTask):
             )
         logger.info(f"{self.runtime.method}: {response}")
         return output, response
-
-
-def review_name(name: str) -> str:
-    return f"{name} - review"
 
 
 def labels_with_review(labels: dict[str, int]) -> dict[str, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
@@ -23,6 +24,17 @@ from sdfsmis.inference import SupportVolume, select_label_ids
 from sdfsmis.volume import Volume, VolumeError, check_same_geometry, load_volume
 
 FINAL = DefaultLabelTag.FINAL.value
+#: The name suffix of a review segment (param ``review_segment``): where the evidence disagreed,
+#: not a structure; a label submitted with review voxels left in does not teach them as one.
+REVIEW_SUFFIX = " - review"
+
+
+def review_name(name: str) -> str:
+    return f"{name}{REVIEW_SUFFIX}"
+
+
+def is_review_name(name: str) -> bool:
+    return name.endswith(REVIEW_SUFFIX)
 
 
 class SupportNotFound(LookupError):
@@ -60,6 +72,8 @@ class Support:
             image = query if same else load_volume(self.image, max_voxels=max_voxels)
             label = load_volume(self.label, label=True, max_voxels=max_voxels)
             check_same_geometry(image, label)
+            if review := [idx for idx, name in self.label_names.items() if is_review_name(name)]:
+                label.data = np.where(np.isin(label.data, review), 0, label.data)  # background for every organ
             select_label_ids(label)
         except VolumeError as error:
             raise type(error)(f"{self.what()}: {error}") from error
@@ -117,7 +131,7 @@ def support_label_ids(datastore: Datastore) -> dict[str, int]:
             info = datastore.get_label_info(datastore.get_label_by_image_id(image, FINAL), FINAL) or {}
             names = label_names_from_info(info.get("label_info") or info.get("label_names"))
             entries += [{"idx": idx, "name": name} for idx, name in names.items()]
-    return {entry["name"]: int(entry["idx"]) for entry in entries}
+    return {entry["name"]: int(entry["idx"]) for entry in entries if not is_review_name(str(entry["name"]))}
 
 
 def _final_label(datastore: Datastore, image_id: str) -> Support | None:

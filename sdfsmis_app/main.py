@@ -25,7 +25,7 @@ import lib.trainers
 from lib.concurrency import InferenceGate
 from lib.datastore import ValidatingDatastore
 from lib.infers.guard import http_errors
-from lib.infers.support import FINAL, label_names_from_info
+from lib.infers.support import FINAL, is_review_name, label_names_from_info
 from lib.sessions import SafeSessions
 from sdfsmis import __version__
 from sdfsmis.volume import VolumeError, load_volume
@@ -78,6 +78,9 @@ class SDFSMISApp(MONAILabelApp):
 
     def info(self):
         info = super().info()
+        # the structures only: Slicer opens an empty segment per app-level label when a sample loads;
+        # the review segments stay in each model's labels, where OHIF builds its segment list from
+        info["labels"] = [name for name in info.get("labels") or [] if not is_review_name(str(name))]
         for method in self.runtimes:
             if method in info["models"]:
                 info["models"][method][method]["inferences"] = self.gate.status()
@@ -112,9 +115,14 @@ class SDFSMISApp(MONAILabelApp):
         ids = sorted(int(k) for k in set(label.data.ravel().tolist()) - {0})
         info = datastore.get_label_info(label_id, FINAL) or {}
         names = label_names_from_info(info.get("label_info"))
-        listed = [names.get(k, f"label_{k}") for k in ids]
-        if not ids:
-            return {"sdfsmis": {"support_available": False, "message": "the submitted label is empty"}}
+        listed = [names.get(k, f"label_{k}") for k in ids if not is_review_name(names.get(k, ""))]
+        if not listed:
+            return {
+                "sdfsmis": {
+                    "support_available": False,
+                    "message": "the submitted label holds no structure (empty, or review segments only)",
+                }
+            }
         return {
             "sdfsmis": {
                 "support_available": True,

@@ -71,45 +71,17 @@ def fitted_backbone(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "fitted", build)[0] / "tiny"
 
 
-@pytest.fixture(scope="session")
-def trained_checkpoint(fitted_backbone, tmp_path_factory) -> Path:
-    """A few minutes of self-supervised training on generated volumes (supervoxels only)."""
+def _self_supervised(backbone: Path, root: Path, method: str) -> dict:
+    """250 iterations on 4 generated volumes, supervoxel pseudo-labels only (no label seen)."""
     from sdfsmis.config import load_config
     from sdfsmis.synthetic import make_studies
     from sdfsmis.trainer import TrainingRun, train
 
-    def build(root: Path) -> None:
-        images = make_studies(root / "studies", 4, seed=10)
-        config = load_config(backbone=fitted_backbone)
-        train(
-            TrainingRun(
-                fitted_backbone,
-                images,
-                root / "ckpt",
-                config,
-                iterations=250,
-                batch_size=4,
-                use_labels=False,
-                progress=False,
-            )
-        )
-
-    return built_once(tmp_path_factory, "trained", build)[0] / "ckpt" / "sdfsmis.safetensors"
-
-
-@pytest.fixture(scope="session")
-def trained_dpl(tiny_backbone, tmp_path_factory) -> tuple[dict, Path]:
-    """DPL trained for a CPU minute on supervoxels alone (no label seen): (summary, output folder).
-    It needs only DINOv2, which every tiny backbone shares (same seed)."""
-    from sdfsmis.config import load_config
-    from sdfsmis.synthetic import make_studies
-    from sdfsmis.trainer import TrainingRun, train
-
-    def build(root: Path) -> dict:
-        images = make_studies(root / "studies", 4, seed=10)
-        config = load_config(backbone=tiny_backbone)
-        run = TrainingRun(
-            tiny_backbone,
+    images = make_studies(root / "studies", 4, seed=10)
+    config = load_config(backbone=backbone)
+    return train(
+        TrainingRun(
+            backbone,
             images,
             root / "ckpt",
             config,
@@ -117,9 +89,23 @@ def trained_dpl(tiny_backbone, tmp_path_factory) -> tuple[dict, Path]:
             batch_size=4,
             use_labels=False,
             progress=False,
-            method="dpl",
+            method=method,
         )
-        return train(run)
+    )
 
-    root, summary = built_once(tmp_path_factory, "dpl_trained", build)
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(fitted_backbone, tmp_path_factory) -> Path:
+    """A few minutes of self-supervised training on generated volumes (supervoxels only)."""
+    folder, _ = built_once(tmp_path_factory, "trained", lambda root: _self_supervised(fitted_backbone, root, "sdfsmis"))
+    return folder / "ckpt" / "sdfsmis.safetensors"
+
+
+@pytest.fixture(scope="session")
+def trained_dpl(tiny_backbone, tmp_path_factory) -> tuple[dict, Path]:
+    """DPL trained for a CPU minute on supervoxels alone (no label seen): (summary, output folder).
+    It needs only DINOv2, which every tiny backbone shares (same seed)."""
+    root, summary = built_once(
+        tmp_path_factory, "dpl_trained", lambda root: _self_supervised(tiny_backbone, root, "dpl")
+    )
     return summary, root / "ckpt"

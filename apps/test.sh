@@ -9,6 +9,7 @@ bash apps/setup.sh
 # at most 2 and never more than the cores; each worker's torch gets its share of the cores
 CORES=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
 WORKERS="${SDFSMIS_TEST_WORKERS:-$(( CORES < 2 ? 1 : 2 ))}"
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / WORKERS > 2 ? 2 : (CORES / WORKERS < 1 ? 1 : CORES / WORKERS) ))}"
+SHARE=$(( CORES / WORKERS ))
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( SHARE < 1 ? 1 : (SHARE > 2 ? 2 : SHARE) ))}"
 ruff check lib tests sdfsmis_app apps
 python -m pytest -q -n "$WORKERS" --dist loadfile "$@" tests

@@ -115,7 +115,7 @@ class SDFSMISApp(MONAILabelApp):
         ids = sorted(int(k) for k in set(label.data.ravel().tolist()) - {0})
         info = datastore.get_label_info(label_id, FINAL) or {}
         names = label_names_from_info(info.get("label_info"))
-        listed = [names.get(k, f"label_{k}") for k in ids if not is_review_name(names.get(k, ""))]
+        listed = [name for name in (names.get(k, f"label_{k}") for k in ids) if not is_review_name(name)]
         if not listed:
             return {
                 "sdfsmis": {

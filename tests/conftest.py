@@ -15,8 +15,9 @@ import torch
 from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# the cores are shared by the xdist workers (apps/test.sh sets OMP_NUM_THREADS to their share)
-torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1)))))
+# torch follows OMP_NUM_THREADS (apps/test.sh sets each xdist worker's share of the cores); without it, at most 2
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -138,7 +138,7 @@ def support_count_study(
     """Per (method, query, support count, organ): 3-D Dice from that many other patients (the
     cases after the query, in order), with the per-slice confidence and Dice of the segmented
     slices."""
-    cases, records = dataset.cases, []
+    cases, records, organs = dataset.cases, [], _organs(dataset)
     for query_case in queries:
         q = cases.index(query_case)
         query = load_volume(dataset.image(query_case))
@@ -149,8 +149,8 @@ def support_count_study(
         ]
         for method, segmenter in segmenters.items():
             for count in SUPPORT_COUNTS:
-                result = segmenter.segment_with(volumes[:count], query, list(_organs(dataset).values()))
-                for organ, label_id in _organs(dataset).items():
+                result = segmenter.segment_with(volumes[:count], query, list(organs.values()))
+                for organ, label_id in organs.items():
                     report = result.reports[label_id]
                     target = truth == label_id
                     found = result.labels == label_id

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdfsmis.config import load_config
-from sdfsmis.inference import VolumeSegmenter, nearest_supports, review_ids
+from sdfsmis.inference import VolumeSegmenter, review_ids, serving_supports
 from sdfsmis.models import load_model
 from sdfsmis.synthetic import make_volume, write_nifti
 from sdfsmis.volume import load_volume
@@ -55,12 +55,34 @@ def test_a_correction_changes_its_neighbours_and_nothing_far(tiny_backbone, pati
     np.testing.assert_array_equal(after[..., corrected] == LIVER, truth[..., corrected] == LIVER)  # kept as drawn
 
     changed = {int(z) for z in np.flatnonzero((before != after).any(axis=(0, 1)))}
-    depth = truth.shape[2]
-    k = load_config(backbone=tiny_backbone).inference.supports_per_query
-    nearest = nearest_supports(np.arange(depth), [low, corrected, high], k)[0]  # [depth, k]
-    served_by_correction = {z for z in range(depth) if 1 in nearest[z]}
-    assert changed and changed <= served_by_correction
-    assert len(changed) >= 0.5 * len(served_by_correction - {corrected})  # the neighbours did change
+    # by hand: a slice between two drawn slices is decided by those two, one beyond the outermost
+    # drawn slice by that one alone; so the correction decides exactly the slices strictly between
+    # its neighbours low and high (its own slice is kept as drawn)
+    neighbours = set(range(low + 1, high)) - {corrected}
+    assert changed - {corrected} <= neighbours, sorted(changed - neighbours)  # nothing far changed
+    assert len(changed) >= 0.5 * len(neighbours)  # the neighbours did change
+
+
+def test_serving_supports_bracket_each_slice_and_doubt_with_the_next_nearest():
+    # supports at slices 3, 6, 10; two per query slice; weights worked out by hand
+    serving = serving_supports(np.arange(12), [3, 6, 10], 2)
+    expected = {
+        0: ([0, 1], [1, 0]),  # below the first support: it alone decides, the next one doubts
+        3: ([0, 1], [1, 0]),  # on a support: it alone
+        4: ([0, 1], [2 / 3, 1 / 3]),  # between 3 and 6: linear, 1 slice from 3 and 2 from 6
+        5: ([1, 0], [2 / 3, 1 / 3]),
+        7: ([1, 2], [3 / 4, 1 / 4]),
+        8: ([1, 2], [1 / 2, 1 / 2]),
+        11: ([2, 1], [1, 0]),  # beyond the last support
+    }
+    for z, (index, weights) in expected.items():
+        assert serving.index[z].tolist() == index, z
+        np.testing.assert_allclose(serving.weights[z], weights, atol=1e-6, err_msg=str(z))
+    # the bracketing pair decides even when a third support is nearer than one of them
+    far = serving_supports(np.array([9.0]), [0, 10, 11], 2)
+    assert far.index.tolist() == [[1, 0]] and np.allclose(far.weights, [[0.9, 0.1]])
+    one = serving_supports(np.arange(5), [0, 4], 1)  # one per slice: the nearest, ties to the first
+    assert one.index[:, 0].tolist() == [0, 0, 0, 1, 1] and (one.weights == 1).all()
 
 
 def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, patient, tmp_path):
@@ -100,4 +122,18 @@ def test_review_ids_depend_only_on_the_label_ids_and_never_collide():
     assert review_ids([4, 1]) == review_ids({1, 4})
     crowded = review_ids({1, 101, 200})  # 101 is a label, 300 does not fit a uint8 labelmap
     assert crowded == {1: 201, 101: 202, 200: 203}
-    assert not set(crowded.values()) & {1, 101, 200} and len(set(crowded.values())) == 3
+    # at the top of the uint8 range: 355 and 256 do not fit, the largest free id below does
+    assert review_ids({255}) == {255: 254}
+    assert review_ids({200, 254, 255}) == {200: 253, 254: 252, 255: 251}
+    assert review_ids(set(range(1, 256))) == {}  # no id left: no review segment rather than a wrong one
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_review_ids_fit_a_uint8_labelmap_and_are_distinct(seed):
+    rng = np.random.default_rng(seed)
+    labels = {int(i) for i in rng.choice(np.arange(1, 256), size=int(rng.integers(1, 128)), replace=False)}
+    ids = review_ids(labels)
+    assert set(ids) == labels  # at most 127 labels: at least 128 ids stay free for their reviews
+    assert all(1 <= v <= 255 for v in ids.values()) and len(set(ids.values())) == len(ids)
+    assert not set(ids.values()) & labels
+    assert review_ids(sorted(labels, reverse=True)) == ids

@@ -99,6 +99,7 @@ def test_submit_then_infer_another_image_then_uploaded_slice(server, tmp_path):
 
 def test_batch_infer_segments_the_unlabeled_images_with_one_support(server, tmp_path):
     url, root = server
+    final = (root / "studies" / "labels" / "final" / "case_000.nii.gz").read_bytes()
     request = urllib.request.Request(
         url + "/batch/infer/sdfsmis?run_sync=true",
         data=json.dumps({"support": "case_000"}).encode(),
@@ -108,10 +109,17 @@ def test_batch_infer_segments_the_unlabeled_images_with_one_support(server, tmp_
     with urllib.request.urlopen(request, timeout=300) as response:
         results = json.loads(response.read())
     assert {"case_001", "case_002"} <= set(results)
+    client = _client(url, tmp_path)
     for image_id in ("case_001", "case_002"):
         assert results[image_id]["params"]["support"]["image"] == "case_000"
-        assert (root / "studies" / "labels" / "original" / f"{image_id}.nii.gz").is_file()
-    assert (root / "studies" / "labels" / "final" / "case_000.nii.gz").is_file()  # nothing final overwritten
+        stored = nib.load(root / "studies" / "labels" / "original" / f"{image_id}.nii.gz")
+        image = nib.load(root / "studies" / f"{image_id}.nii.gz")
+        assert stored.shape == image.shape and np.allclose(stored.affine, image.affine, atol=1e-5)
+        # what the batch stored is what one request for that image with the same support returns
+        single, _ = client.infer("sdfsmis", image_id, {"support": "case_000"})
+        np.testing.assert_array_equal(np.asarray(stored.dataobj), np.asarray(nib.load(single).dataobj))
+        assert np.asarray(stored.dataobj).any()
+    assert (root / "studies" / "labels" / "final" / "case_000.nii.gz").read_bytes() == final  # nothing final touched
 
 
 def test_train_task_completes_and_changes_next_inference(server, tmp_path):

@@ -24,6 +24,7 @@ from sdfsmis.evaluation.methods import DPL_VARIANTS, Method, MethodFactory
 from sdfsmis.evaluation.metrics import score_volume, summarise, uncertainty_correlation
 from sdfsmis.evaluation.prepare import prepare
 from sdfsmis.evaluation.protocol import chunk_index, make_folds, support_slices, training_selection
+from sdfsmis.inference import VolumeSegmenter
 from sdfsmis.models.base import Prediction
 from sdfsmis.volume import load_volume
 
@@ -369,6 +370,54 @@ def test_evaluate_dpl_rows_ablations_and_uncertainty(chaos, tiny_backbone, dpl_w
     results = json.loads((paper / "results.json").read_text())
     assert [v["method"] for v in results["volumes"]] == ["dpl"] * 2 * 2
     assert all(not v.get("failed") and "slice_confidence" not in v for v in results["volumes"])
+
+
+def _dice_2d(prediction: np.ndarray, truth: np.ndarray) -> float | None:
+    total = int(prediction.sum()) + int(truth.sum())
+    return None if total == 0 else 2.0 * int((prediction & truth).sum()) / total
+
+
+@pytest.mark.parametrize("protocol", ["realistic", "propagation"])
+def test_each_slice_confidence_and_dice_is_paired_with_its_own_slice(
+    protocol, chaos, tiny_backbone, tiny_config, dpl_weights
+):
+    # the records' per-slice scores against a segmentation run here directly with the same model
+    # (DPL with weights: deterministic), slice by slice: a confidence or a Dice that moved to
+    # another slice of the record fails, whatever it does to the Spearman rho
+    factory = MethodFactory(tiny_backbone, None, tiny_config, dpl_checkpoint=str(dpl_weights))
+    evaluator = Evaluator(chaos, tiny_config.inference, protocol)
+    records, _ = evaluator.run(["dpl"], factory, 2, labels=[1, 2], log=lambda _: None)
+    assert records and not any(r.get("failed") for r in records)
+    segmenter = VolumeSegmenter(factory("dpl", 0).model, tiny_config.inference, progress=False)
+    checked = 0
+    for record in records:
+        image = load_volume(chaos.image(record["case"]))
+        truth = load_volume(chaos.label(record["case"]), label=True).data == record["label"]
+        if protocol == "propagation":
+            support_image = image
+            support_label = load_volume(chaos.label(record["case"]), label=True)
+            drawn = np.zeros_like(truth)
+            drawn[..., record["annotated_slices"]] = truth[..., record["annotated_slices"]]
+            support_label.data = np.where(drawn, record["label"], 0).astype(np.int32)
+            slices = record["slice_z"]
+        else:
+            support_image = load_volume(chaos.image(record["support"]))
+            support_label = load_volume(chaos.label(record["support"]), label=True)
+            first, last = record["query_slices"]
+            slices = list(range(first, last + 1))
+        with torch.inference_mode():
+            result = segmenter.segment(support_image, support_label, image, [record["label"]])
+        report = result.reports[record["label"]]
+        confidence = dict(zip(report.query_slices, report.confidence))
+        predicted = result.labels == record["label"]
+        assert len(record["slice_confidence"]) == len(record["slice_dice"]) == len(slices)
+        for z, c, d in zip(slices, record["slice_confidence"], record["slice_dice"]):
+            assert c == pytest.approx(confidence[z], abs=1e-6), (record["case"], z)
+            expected = _dice_2d(predicted[..., z], truth[..., z])
+            assert d == (None if expected is None else pytest.approx(expected, abs=1e-9)), (record["case"], z)
+        checked += len(slices)
+    # the confidences differ from slice to slice, so a pairing shifted or reversed changes them
+    assert checked >= 4 and len({c for r in records for c in r["slice_confidence"]}) > 2
 
 
 def test_nearest_slice_copy_takes_the_nearest_annotated_mask_within_its_reach():

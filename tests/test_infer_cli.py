@@ -31,8 +31,13 @@ def volumes(tmp_path_factory):
     support_label = np.where(np.isin(label, [1, 3]), label, 0).astype(np.uint8)
     support_label[support_label == 3] = 7  # non-contiguous ids must survive
     support_label_path = write_nifti(root / "support_label.nii.gz", support_label, affine)
-    image, _, affine = make_volume(2, shape=(60, 66, 20), orientation="LPS", oblique=True)
+    image, truth, affine = make_volume(2, shape=(60, 66, 20), orientation="LPS", oblique=True)
     query = write_nifti(root / "query.nii.gz", image.astype(np.int16), affine)
+    # the query's own liver drawn on two of its file slices: the same-volume support
+    drawn_slices = np.flatnonzero((truth == 1).any(axis=(0, 1)))[[1, -2]]
+    drawn = np.zeros_like(truth, dtype=np.uint8)
+    drawn[..., drawn_slices] = truth[..., drawn_slices] == 1
+    write_nifti(root / "query_drawn.nii.gz", drawn, affine)
     return root, support, support_label_path, query
 
 
@@ -67,6 +72,20 @@ def test_make_tiny_then_infer_writes_label_in_query_geometry(volumes, tmp_path):
     assert ids <= {0, 1, 7}
     assert set(summary["labels"]) == {"1", "7"}
     assert summary["seconds_per_slice"] > 0
+
+    # the query as its own support: drawn slices come back as drawn, voxel for voxel in the file's
+    # own (LPS, oblique) voxel order; a result mirrored, flipped or shifted in any axis fails here,
+    # since the liver lies off-centre in x, y and z
+    drawn = np.asarray(nib.load(root / "query_drawn.nii.gz").dataobj)
+    annotated = drawn.any(axis=(0, 1))
+    assert annotated.sum() == 2 and drawn.any()
+    run = _sdfsmis(
+        "infer", "--backbone", str(backbone), "--support-image", str(query),
+        "--support-label", str(root / "query_drawn.nii.gz"), "--image", str(query), "--output", str(output),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = np.asarray(nib.load(output).dataobj)
+    np.testing.assert_array_equal(result[..., annotated], drawn[..., annotated])
 
 
 def test_volume_round_trips_through_ras_working_orientation(volumes, tmp_path):

@@ -43,7 +43,7 @@ import transformers
 from .acceleration import InferenceOptions, accelerate, retain_freed_memory
 from .backbone import build_backbone
 from .config import InferenceConfig, SDFSMISConfig, load_config
-from .inference import choose_support_slices, nearest_supports, segment_slices
+from .inference import choose_support_slices, segment_slices, serving_supports
 from .models.base import OneShotModel
 from .models.dpl import DPL
 from .models.sdfsmis import SDFSMIS
@@ -82,7 +82,7 @@ def make_inputs(resolution: int, slices: int, supports: int, seed: int = 0) -> B
     depth = VOLUME_SHAPE[2]
     place = relative_position(annotated, depth, depth, config)
     query_z = np.linspace(place.first, place.last, slices).round().astype(int)  # repeats slices when N > the range
-    index = nearest_supports(place.position(query_z), support_z)[0][:, 0]
+    index = serving_supports(place.position(query_z), support_z).index[:, 0]
     grid = SliceGrid(*VOLUME_SHAPE[:2], resolution)
     support_data = normalise_intensity(image, config.clip_percentiles)
     query_data = normalise_intensity(query_image, config.clip_percentiles)

@@ -56,18 +56,26 @@ class LabelReport:
 #: A label's review segment has id ``label + REVIEW_ID_OFFSET``, so a viewer can list it before any
 #: result exists (OHIF builds its segments from ``/info``) and it fits a uint8 labelmap.
 REVIEW_ID_OFFSET = 100
+#: The largest id OHIF can show: it reads the result as a uint8 labelmap.
+MAX_REVIEW_ID = 255
 
 
 def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
     """{label id: review segment id}, from the label ids alone so that the same labels always get
-    the same review ids: ``label + 100``, or, where that is taken or above 255, the next free id
-    after every label and review id given so far."""
+    the same review ids: ``label + 100``; where that is taken or above 255, the next free id after
+    every id given so far; where that is above 255 too, the largest free id below it. A label
+    gets none when all of 1..255 are taken."""
     taken = set(label_ids)
     ids: dict[int, int] = {}
     for label_id in sorted(taken):
         wanted = label_id + REVIEW_ID_OFFSET
-        if wanted in taken or wanted > 255:
+        if wanted in taken or wanted > MAX_REVIEW_ID:
             wanted = max(taken) + 1
+        if wanted > MAX_REVIEW_ID:
+            free = [i for i in range(MAX_REVIEW_ID, 0, -1) if i not in taken]
+            if not free:
+                continue
+            wanted = free[0]
         ids[label_id] = wanted
         taken.add(wanted)
     return ids
@@ -132,16 +140,39 @@ def choose_support_slices(annotated: np.ndarray, count: int) -> list[int]:
     return sorted({int(annotated[min(int(p * len(annotated)), len(annotated) - 1)]) for p in positions})
 
 
-def nearest_supports(position: np.ndarray, support_z: list[int], count: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The ``count`` support slices nearest each query slice's ``position`` among the support's
-    slices (:meth:`Placement.position`; the chunking of EP1, generalised): indices [Q, k] and
-    weights [Q, k] (1 / (1 + distance in slices), normalised per query slice)."""
-    distance = np.abs(
-        np.asarray(position, dtype=np.float64)[:, None] - np.asarray(support_z, dtype=np.float64)[None, :]
-    )
-    order = np.argsort(distance, axis=1, kind="stable")[:, : max(1, min(count, len(support_z)))]
-    weights = 1.0 / (1.0 + np.take_along_axis(distance, order, axis=1))
-    return order, (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+class Serving(NamedTuple):
+    """Which support slices serve each query slice, and how much each one decides."""
+
+    index: np.ndarray  # [Q, k] support rows, nearest first
+    weights: np.ndarray  # [Q, k] share of each in the result, rows sum to 1 (0: a member of the doubt only)
+
+
+def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1) -> Serving:
+    """The ``count`` support slices nearest each query slice's ``position`` (:meth:`Placement.position`),
+    of which only the two that bracket it decide (weights linear in the position between them, as
+    interpolation), or the nearest alone where none brackets it (beyond the outermost support, on a
+    support, or ``count`` 1). The others are members of the doubt only: so a correction changes the result
+    between its neighbouring supports and nowhere else, as interpolating drawn slices does."""
+    position = np.asarray(position, dtype=np.float64)
+    z = np.asarray(support_z, dtype=np.float64)
+    distance = np.abs(position[:, None] - z[None, :])
+    k = max(1, min(count, len(z)))
+    order = np.argsort(distance, axis=1, kind="stable")
+    lower, upper = z[None, :] < position[:, None], z[None, :] > position[:, None]
+    bracketed = lower.any(axis=1) & upper.any(axis=1) & (distance.min(axis=1) > 0) & (k >= 2)
+    below = np.where(lower, distance, np.inf).argmin(axis=1)
+    above = np.where(upper, distance, np.inf).argmin(axis=1)
+    rows = []
+    for q in range(len(position)):  # the bracketing pair first (nearer one first), then the nearest others
+        first = sorted((int(below[q]), int(above[q])), key=lambda i: distance[q, i]) if bracketed[q] else []
+        rows.append((first + [int(i) for i in order[q] if i not in first])[:k])
+    index = np.array(rows, dtype=np.int64).reshape(len(position), k)
+    near, far = (np.take_along_axis(distance, index[:, i : i + 1], axis=1)[:, 0] for i in (0, min(1, k - 1)))
+    weights = np.zeros(index.shape, dtype=np.float32)
+    weights[:, 0] = np.where(bracketed, far / np.maximum(near + far, 1e-12), 1.0)  # linear between the pair
+    if k >= 2:
+        weights[:, 1] = np.where(bracketed, 1.0 - weights[:, 0], 0.0)
+    return Serving(index, weights)
 
 
 def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np.ndarray:
@@ -265,8 +296,9 @@ def segment_slices(
     weights: torch.Tensor | None = None,
 ) -> SliceOutputs:
     """Query slices [Q, 1, H, W] on the model's device, each against support rows ``index`` [Q]
-    or its k nearest [Q, k] combined with ``weights`` [Q, k], in batches that share the encoded
-    support; nothing goes back to the host per batch."""
+    or its k serving ones [Q, k] combined with ``weights`` [Q, k] (:func:`serving_supports`; all k
+    weigh alike in the doubt), in batches that share the encoded support; nothing goes back to the
+    host per batch."""
     if index.dim() == 1:
         index = index[:, None]
     if weights is None:
@@ -278,14 +310,15 @@ def segment_slices(
         part = slice(s, s + batch_size)
         predictions = model.predict_each(support, queries[part], index[part])
         prediction = combine_supports(predictions, weights[part])
-        uncertainty = member_variance(prediction, weights[part])
+        members = torch.full_like(weights[part], 1.0 / index.shape[1])  # every serving support doubts alike
+        uncertainty = member_variance(prediction, members)
         if uncertainty is None:
             outputs.append(SliceOutputs(prediction.probability.float()))
             continue
         confidence = slice_confidence(prediction, uncertainty, threshold)
         outputs.append(
             SliceOutputs(
-                prediction.probability.float(), uncertainty, confidence, dissent(prediction, weights[part], threshold)
+                prediction.probability.float(), uncertainty, confidence, dissent(prediction, members, threshold)
             )
         )
     return SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs)))
@@ -355,7 +388,7 @@ class VolumeSegmenter:
             support_z = choose_support_slices(
                 annotated, self.config.max_volume_supports if same else self.config.max_supports
             )
-            nearest, weight = nearest_supports(place.position(query_z), support_z, self.config.supports_per_query)
+            nearest, weight = serving_supports(place.position(query_z), support_z, self.config.supports_per_query)
             indices.append(nearest + sum(len(s.support_slices) for s in served))
             weights.append(weight / len(sources))
             served.append(ServedBy(source.name, support_z, place))

@@ -115,7 +115,8 @@ def labels_with_review(labels: dict[str, int]) -> dict[str, int]:
     listed = {}
     for name, label_id in labels.items():
         listed[name] = label_id
-        listed[review_name(name)] = reviews[label_id]
+        if label_id in reviews:  # none when every uint8 id is taken
+            listed[review_name(name)] = reviews[label_id]
     return listed
 
 

@@ -28,7 +28,7 @@ from lib.infers.guard import http_errors
 from lib.infers.support import FINAL, is_review_name, label_names_from_info
 from lib.sessions import SafeSessions
 from sdfsmis import __version__
-from sdfsmis.volume import VolumeError, load_volume
+from sdfsmis.volume import VolumeError, load_volume, present_label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class SDFSMISApp(MONAILabelApp):
             label = load_volume(datastore.get_label_uri(label_id, FINAL), label=True)
         except (VolumeError, FileNotFoundError) as error:
             return {"sdfsmis": {"support_available": False, "message": f"label cannot serve as a support: {error}"}}
-        ids = sorted(int(k) for k in set(label.data.ravel().tolist()) - {0})
+        ids = present_label_ids(label.data)  # slice by slice: a list of every voxel would take GiBs
         info = datastore.get_label_info(label_id, FINAL) or {}
         names = label_names_from_info(info.get("label_info"))
         listed = [name for name in (names.get(k, f"label_{k}") for k in ids) if not is_review_name(name)]

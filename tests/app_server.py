@@ -9,8 +9,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+import psutil
 
 APP = Path(__file__).resolve().parents[1] / "sdfsmis_app"
 
@@ -52,3 +54,14 @@ def monailabel_server(studies: Path, log: Path, *conf: tuple[str, str], env: dic
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
+
+
+def server_process(url: str) -> psutil.Process:
+    """The process of a server started by :func:`monailabel_server` (a child of this one that
+    listens on the port of ``url``), e.g. to watch its memory."""
+    port = int(url.rsplit(":", 1)[1])
+    for child in psutil.Process().children(recursive=True):
+        with suppress(psutil.Error):
+            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp")):
+                return child
+    raise LookupError(f"no child process of this one listens on {url}")

@@ -64,9 +64,10 @@ def stored(studies: Path) -> dict[str, str]:
     }
 
 
-def random_head_checkpoint(backbone: Path, path: Path) -> Path:
-    """A checkpoint that fits ``backbone`` (a random head: for tests of serving, not of results)."""
-    torch.manual_seed(0)
+def random_head_checkpoint(backbone: Path, path: Path, seed: int = 0) -> Path:
+    """A checkpoint that fits ``backbone`` (a random head: for tests of serving, not of results);
+    another ``seed`` gives other weights of the same shapes."""
+    torch.manual_seed(seed)
     model = SDFSMIS.from_backbone(backbone, load_config(backbone=backbone).model)
     return save_weights(model, path)
 

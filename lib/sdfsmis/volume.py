@@ -75,12 +75,7 @@ class Volume:
         labels = self.to_original(array)
         dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
         if str(path).endswith(".nrrd"):
-            from monai.data import ITKWriter  # here: importing monai costs every CLI start ~2 s
-
-            writer = ITKWriter(output_dtype=dtype, affine_lps_to_ras=True)  # our affine is RAS, ITK's LPS
-            writer.set_data_array(labels.astype(dtype), channel_dim=None)
-            writer.set_metadata({"affine": self.affine, "original_affine": self.affine}, resample=False)
-            writer.write(str(path), compression=False)
+            _write_itk(labels.astype(dtype), self.affine, Path(path))
             return Path(path)
         header = self.header.copy()
         header.set_data_dtype(dtype)
@@ -92,6 +87,21 @@ class Volume:
 
 def _to_ras(affine: np.ndarray) -> np.ndarray:
     return orientations.ornt_transform(orientations.io_orientation(affine), orientations.axcodes2ornt("RAS"))
+
+
+def _write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write ``array`` (voxel order of ``affine``, RAS) uncompressed with ITK, the inverse of
+    :func:`_itk_information`. Not MONAI's ITKWriter: it takes a grid whose voxel axes are permuted
+    (a coronal or sagittal scan) for a 2-D one and fails on its singular 2 x 2 corner."""
+    import itk
+
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]  # our affine is RAS, ITK's frame LPS
+    spacing = np.linalg.norm(lps, axis=0)
+    image = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))  # ITK arrays are [z, y, x]
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ affine[:3, 3]).tolist())
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps / spacing)))  # columns: axis directions
+    itk.imwrite(image, str(path), compression=False)
 
 
 def _is_nrrd_content(path: Path) -> bool:
@@ -123,6 +133,57 @@ def _check_size(what: str, path: Path, shape: tuple[int, ...], max_voxels: int |
         )
 
 
+#: ITK's voxel type of a label file -> the pixel type read: the narrowest one ITK's Python
+#: wrapping reads that holds every stored value exactly (64-bit signed and double: float64).
+ITK_LABEL_PIXELS = {
+    "unsigned_char": "UC",
+    "char": "SS",
+    "unsigned_short": "US",
+    "short": "SS",
+    "unsigned_int": "UI",
+    "int": "SI",
+    "unsigned_long": "ULL",
+    "unsigned_long_long": "ULL",
+    "float": "F",
+}
+LABEL_ID_MAX = np.iinfo(np.int32).max
+
+
+def _label_ids(stored: np.ndarray, name: str, slope: float = 1.0, inter: float = 0.0) -> np.ndarray:
+    """The label ids of ``stored`` (values ``stored * slope + inter``) as int32, checked.
+
+    A label is decoded in the type it is stored in, and floats are checked and rounded one
+    slice at a time: a whole-volume float64 copy (and the temporaries of checking it) would take
+    8 bytes a voxel and more, 2 GiB for a 512 x 512 x 1024 label within the voxel limit that
+    arrives as a few hundred kilobytes of gzip. Here a stored uint8 label costs 1 + 4 bytes a voxel.
+    """
+    invalid = VolumeError(f"label {name} must hold non-negative integer label ids")
+    if stored.dtype.kind in "biu" and slope == 1 and inter == 0:
+        if stored.size and (stored.min() < 0 or stored.max() > LABEL_ID_MAX):
+            raise invalid
+        return stored.astype(np.int32, copy=False)
+    ids = np.empty_like(stored, dtype=np.int32)
+    for index in np.ndindex(stored.shape[2:]):  # one slice (of one frame) at a time
+        values = np.asarray(stored[(Ellipsis, *index)], dtype=np.float64) * slope + inter
+        if not np.isfinite(values).all() or (values < 0).any() or (values > LABEL_ID_MAX).any():
+            raise invalid
+        rounded = np.round(values)
+        if not np.allclose(values, rounded):
+            raise invalid
+        ids[(Ellipsis, *index)] = rounded
+    return ids
+
+
+def present_label_ids(data: np.ndarray) -> list[int]:
+    """The non-zero ids in a label array, found one slice at a time: ``np.unique`` of the whole
+    array would copy and sort all of it (4 more bytes a voxel, 1 GiB for a label of 256 M voxels)."""
+    ids: set[int] = set()
+    for index in np.ndindex(data.shape[2:]):
+        part = data[(Ellipsis, *index)]
+        ids.update(np.unique(part[part != 0]).tolist())
+    return sorted(ids)
+
+
 def _read_nifti(path: Path, what: str, label: bool, max_voxels: int | None) -> tuple[np.ndarray, np.ndarray, object]:
     image = nib.load(str(path))
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -131,12 +192,16 @@ def _read_nifti(path: Path, what: str, label: bool, max_voxels: int | None) -> t
     if np.dtype(raw.dtype).names:
         raise VolumeError(f"{what} {path.name} holds RGB/structured voxels, expected one grayscale channel")
     _check_size(what, path, image.shape, max_voxels)
-    data = np.asanyarray(raw) if label else image.get_fdata(dtype=np.float32)
+    if label:  # the stored integers, scaled slice by slice (nibabel would scale all of it to float64)
+        data = _label_ids(np.asanyarray(raw.get_unscaled()), path.name, float(raw.slope), float(raw.inter))
+    else:
+        data = image.get_fdata(dtype=np.float32)
     return data, image.affine.astype(np.float64), image.header
 
 
-def _itk_information(path: Path, what: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and RAS affine from an ITK-readable header (ITK's physical frame is LPS)."""
+def _itk_information(path: Path, what: str) -> tuple[tuple[int, ...], np.ndarray, str]:
+    """Shape, RAS affine (ITK's physical frame is LPS) and voxel type (e.g. ``unsigned_char``)
+    from an ITK-readable header."""
     io = _itk_io(path)
     if io is None:
         raise VolumeError(f"{what} {path.name} is not a readable NIfTI or NRRD volume")
@@ -155,19 +220,23 @@ def _itk_information(path: Path, what: str) -> tuple[tuple[int, ...], np.ndarray
     affine = np.eye(4)
     affine[:3, :3] = direction * np.array([io.GetSpacing(i) for i in range(3)])[None, :]
     affine[:3, 3] = [io.GetOrigin(i) for i in range(3)]
-    return shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine, io.GetComponentTypeAsString(io.GetComponentType())
 
 
 def _read_itk(path: Path, what: str, label: bool, max_voxels: int | None) -> tuple[np.ndarray, np.ndarray, object]:
     import itk
 
-    shape, affine = _itk_information(path, what)
+    shape, affine, component = _itk_information(path, what)
     _check_size(what, path, shape, max_voxels)
-    pixel = itk.D if label else itk.F  # float64 keeps any integer label id exact
+    pixel = getattr(itk, ITK_LABEL_PIXELS.get(component, "D")) if label else itk.F
     reader = itk.ImageFileReader[itk.Image[pixel, 3]].New(FileName=str(path), ImageIO=_itk_io(path))
     reader.Update()
     image = reader.GetOutput()
-    data = itk.array_from_image(image).transpose(2, 1, 0)  # ITK arrays are [z, y, x]
+    if label:  # straight from ITK's buffer to int32 ids, no copy in between
+        view = np.asarray(itk.array_view_from_image(image))  # keeps the image (its buffer) alive
+        data = _label_ids(view.transpose(2, 1, 0), path.name)  # ITK arrays are [z, y, x]
+    else:
+        data = itk.array_from_image(image).transpose(2, 1, 0)
     header = nib.Nifti1Image(np.zeros((1, 1, 1), np.float32), affine).header
     return data, affine, header
 
@@ -192,10 +261,6 @@ def load_volume(path: str | Path, label: bool = False, max_voxels: int | None = 
         raise VolumeError(f"{what} {path.name} has shape {data.shape}: a 2-D slice, a 3-D volume is expected")
     if not label and not np.isfinite(data).all():
         raise VolumeError(f"image {path.name} contains NaN or infinite voxels")
-    if label:
-        if not np.isfinite(data).all() or (data < 0).any() or not np.allclose(data, np.round(data)):
-            raise VolumeError(f"label {path.name} must hold non-negative integer label ids")
-        data = np.round(data).astype(np.int32)
     volume = Volume(data, affine, data.shape, header, path)
     volume.data = volume.from_original(data)
     return volume
@@ -215,7 +280,7 @@ def read_geometry(path: str | Path) -> Geometry:
     path = Path(path)
     try:
         if _is_itk_file(path):
-            shape, affine = _itk_information(path, "image")
+            shape, affine, _ = _itk_information(path, "image")
         else:
             image = nib.load(str(path))
             shape, affine = image.shape, image.affine.astype(np.float64)

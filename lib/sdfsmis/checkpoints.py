@@ -9,7 +9,9 @@ Layout of a training output directory::
                                                dpl.safetensors for DPL)
 
 A checkpoint directory is complete before a link points to it, and a link is replaced with
-``os.replace``, so a run killed at any moment leaves the previous checkpoint usable.
+``os.replace``, so a run killed at any moment leaves the previous checkpoint usable. Files and
+folders are fsync'ed before and after each rename, so that a power cut cannot leave a link to a
+checkpoint whose data never reached the disk.
 """
 
 from __future__ import annotations
@@ -24,11 +26,21 @@ import torch
 from .weights import load_weights, save_weights
 
 
+def _sync(path: Path) -> None:
+    """Flush a file's data or a folder's entries to disk (a rename is durable only after both)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _point(link: Path, target: Path) -> None:
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target.relative_to(link.parent))
     os.replace(tmp, link)
+    _sync(link.parent)
 
 
 def write_checkpoint(
@@ -47,8 +59,12 @@ def write_checkpoint(
     save_weights(model, partial / model.weights_name, metadata={"iteration": state["iteration"]})
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     (partial / "state.json").write_text(json.dumps(state, indent=1))
+    for file in partial.iterdir():
+        _sync(file)
+    _sync(partial)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
+    _sync(folder.parent)
     _point(output / "last", folder)
     if best:
         _point(output / "best", folder)
@@ -84,5 +100,7 @@ def publish(source: Path, destination: Path) -> Path:
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = destination.with_name(destination.name + ".tmp")
     shutil.copyfile(source, tmp)
+    _sync(tmp)
     os.replace(tmp, destination)
+    _sync(destination.parent)
     return destination

@@ -45,7 +45,8 @@ def cmd_orthanc(args: argparse.Namespace) -> None:
 
     server = OrthancServer(args.http_port, args.dicom_port, Path(args.dir))
     config = server.write_config()
-    print(f"Orthanc on {server.dicomweb} (loopback only), storage in {args.dir}")
+    # flushed: exec replaces the process, and output to a file or a pipe is still in Python's buffer
+    print(f"Orthanc on {server.dicomweb} (loopback only), storage in {args.dir}", flush=True)
     os.execvp("Orthanc", ["Orthanc", str(config)])
 
 

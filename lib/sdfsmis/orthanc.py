@@ -37,7 +37,7 @@ class OrthancServer:
 
     def write_config(self) -> Path:
         """Storage under ``folder``, HTTP and DICOM bound to loopback only, no authentication
-        (loopback only), the DICOMweb plugin at /dicom-web/."""
+        (loopback only), no DICOM peer let in, the DICOMweb plugin at /dicom-web/."""
         plugins = [folder for folder in PLUGIN_FOLDERS if Path(folder).is_dir()]
         if shutil.which("Orthanc") is None or not any(Path(f, "libOrthancDicomWeb.so").exists() for f in plugins):
             raise OrthancUnavailable(f"Orthanc with its DICOMweb plugin is not installed: {HOW_TO_INSTALL}")
@@ -51,6 +51,14 @@ class OrthancServer:
             "AuthenticationEnabled": False,
             "HttpBindAddress": "127.0.0.1",  # honoured by recent Orthanc; RemoteAccessAllowed guards older ones
             "DicomBindAddress": "127.0.0.1",
+            # Orthanc 1.10 has no DicomBindAddress and its DICOM port listens on every interface,
+            # letting any host store (echo) by default: no peer is let in, as none is declared
+            # (uploads go through loopback DICOMweb)
+            "DicomAlwaysAllowEcho": False,
+            "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowFind": False,
+            "DicomAlwaysAllowGet": False,
+            "DicomAlwaysAllowMove": False,
             "Plugins": plugins,
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Host": "127.0.0.1"},
             "StableAge": 1,

@@ -224,6 +224,11 @@ def run(
 ) -> str:
     """Both studies (``pairs`` 0 or no ``queries`` skips one); writes ``loop.json`` and ``loop.md``
     under ``output`` and returns the tables."""
+    if queries and len(dataset.cases) <= max(SUPPORT_COUNTS):  # the cases after a query would wrap round to it
+        raise ValueError(
+            f"the support-count study segments each query from {max(SUPPORT_COUNTS)} other patients: it needs at "
+            f"least {max(SUPPORT_COUNTS) + 1} volumes, {dataset.name} has {len(dataset.cases)} (--queries 0 skips it)"
+        )
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     placements = placement_study(dataset, config, output / "fields_of_view", pairs)

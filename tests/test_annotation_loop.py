@@ -113,7 +113,12 @@ def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, pat
     )
     assert result.reports[LIVER].support_slices == [int(z) for z in annotated]
     assert encoded == [len(annotated)]  # one batch of supports, once
-    assert sum(predicted) == truth.shape[2]  # each query slice once (its features once for all its supports)
+    # grounded: the drawn range and a reach of max(25 % of its extent, 10 mm = 2 slices of 5 mm) each side
+    extent = int(annotated[-1] - annotated[0] + 1)
+    reach = max(int(np.ceil(0.25 * extent)), 2)
+    expected = list(range(max(0, int(annotated[0]) - reach), min(truth.shape[2] - 1, int(annotated[-1]) + reach) + 1))
+    assert result.reports[LIVER].query_slices == expected
+    assert sum(predicted) == len(expected)  # each query slice once (its features once for all its supports)
 
 
 def test_review_ids_depend_only_on_the_label_ids_and_never_collide():

@@ -47,6 +47,11 @@ class InferenceConfig:
     z_margin: float = 0.25
     min_extent_slices: int = 3
     largest_component: bool = True
+    grounding: bool = True  # segment only around where the structure was drawn (sdfsmis.grounding)
+    roi_margin_mm: float = 10.0  # in-plane margin of the grounding box, the larger of these two
+    roi_margin_share: float = 0.5  # ... and this share of the drawn structure's extent
+    reach_mm: float = 10.0  # same volume: the least reach beyond the outermost drawn slices
+    end_continuity: float = 0.3  # beyond them, a slice with less than this share of its neighbour's area ends it
 
 
 @dataclass

@@ -7,6 +7,8 @@ a slice) there is also a voxel uncertainty map, a per-slice confidence and a rev
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -16,12 +18,13 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from . import placement
+from . import grounding, placement
 from .acceleration import InferenceOptions
 from .config import InferenceConfig
+from .grounding import Box
 from .models import OneShotModel, Prediction
 from .placement import Placement
-from .volume import SliceGrid, Volume, VolumeError, axial_slices, normalise_intensity
+from .volume import SliceGrid, Volume, VolumeError, axial_slices, normalise_intensity, ras_spacing
 
 
 @dataclass
@@ -324,6 +327,28 @@ def segment_slices(
     return SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs)))
 
 
+def _grouped(boxes: list[Box]) -> dict[Box, list[int]]:
+    """{box: the rows that have it}, in first-seen order."""
+    rows: dict[Box, list[int]] = {}
+    for row, box in enumerate(boxes):
+        rows.setdefault(box, []).append(row)
+    return rows
+
+
+@dataclass
+class Source:
+    """One support volume's part in one label: its normalised data, the label's drawn voxels, where
+    it is placed in the query, whether it is grounded (:mod:`sdfsmis.grounding`) and, from another
+    volume, the box its drawing is carried to in the query."""
+
+    volume: SupportVolume
+    data: np.ndarray
+    drawn: np.ndarray
+    place: Placement
+    grounded: bool = False
+    carried: Box | None = None
+
+
 class VolumeSegmenter:
     """Runs a one-shot model (:class:`~sdfsmis.models.base.OneShotModel`) over volumes.
     ``options`` gives the autocast precision (bf16 on CUDA by default); the model itself is
@@ -345,10 +370,6 @@ class VolumeSegmenter:
     def resolution(self) -> int:
         return self.model.resolution
 
-    def _model_slices(self, data: np.ndarray, indices, grid: SliceGrid, mode: str = "bilinear") -> torch.Tensor:
-        pad = -1.0 if mode == "bilinear" else 0.0
-        return grid.to_model(axial_slices(data, indices), mode=mode, pad_value=pad).to(self.model.device)
-
     def _place(
         self,
         source: SupportVolume,
@@ -357,30 +378,80 @@ class VolumeSegmenter:
         query: Volume,
         query_data: np.ndarray,
         registrations: dict[int, placement.Registration],
-    ) -> Placement:
-        """Where ``source``'s annotation of one label lies in the query (:mod:`sdfsmis.placement`);
-        a support volume is registered once per query, for all of its labels."""
+    ) -> Source:
+        """Where ``source``'s annotation of one label lies in the query (:mod:`sdfsmis.placement`)
+        and, grounded (:mod:`sdfsmis.grounding`), the in-plane boxes segmented in both; a support
+        volume is registered once per query, for all of its labels."""
         annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
         depth = query_data.shape[2]
+        cfg = self.config
         if source.is_query(query):
-            return placement.same_volume(depth)
-        if self.config.placement == "registration":
-            if id(source) not in registrations:
-                registrations[id(source)] = placement.register_volumes(source.image, data, query, query_data)
-            return placement.registered_position(registrations[id(source)], annotated, drawn, depth, self.config)
-        return placement.relative_position(annotated, data.shape[2], depth, self.config)
+            place = placement.same_volume(depth)
+            if not cfg.grounding:
+                return Source(source, data, drawn, place)
+            extent = int(annotated[-1] - annotated[0] + 1)
+            reach = max(int(np.ceil(cfg.z_margin * extent)), int(np.ceil(cfg.reach_mm / ras_spacing(query)[2])))
+            first, last = max(0, int(annotated[0]) - reach), min(depth - 1, int(annotated[-1]) + reach)
+            return Source(source, data, drawn, dataclasses.replace(place, first=first, last=last), grounded=True)
+        if cfg.placement != "registration":
+            return Source(source, data, drawn, placement.relative_position(annotated, data.shape[2], depth, cfg))
+        if id(source) not in registrations:
+            registrations[id(source)] = placement.register_volumes(source.image, data, query, query_data)
+        registration = registrations[id(source)]
+        place = placement.registered_position(registration, annotated, drawn, depth, cfg)
+        carried = grounding.carried_box(registration, drawn, query_data.shape, ras_spacing(query), *self._margins)
+        if not cfg.grounding or carried is None:
+            return Source(source, data, drawn, place)
+        return Source(source, data, drawn, place, grounded=True, carried=carried)
+
+    @property
+    def _margins(self) -> tuple[float, float]:
+        return self.config.roi_margin_mm, self.config.roi_margin_share
+
+    def _boxes(self, source: Source, support_z: list[int], serving: Serving) -> tuple[list[Box], list[Box] | None]:
+        """The in-plane box of each support slice and of each query slice (None: the whole slice).
+        In the same volume each support slice's box is around its own drawing, and a query slice's
+        the union of those of the supports that decide it (a correction moves only the boxes between
+        its neighbours); from another volume, the whole drawing's box and the registered one."""
+        whole = Box.whole(source.data.shape)
+        if not source.grounded:
+            return [whole] * len(support_z), None
+        spacing = ras_spacing(source.volume.image)
+        if source.carried is not None:
+            return [grounding.box_around(source.drawn, spacing, *self._margins)] * len(support_z), [
+                source.carried
+            ] * len(serving.index)
+        own = [grounding.box_around(source.drawn[..., [z]], spacing, *self._margins) for z in support_z]
+        deciding = [
+            functools.reduce(Box.union, [own[i] for i, w in zip(row, weights) if w > 0])
+            for row, weights in zip(serving.index, serving.weights)
+        ]
+        return own, deciding
+
+    def _crops(self, data: np.ndarray, z: list[int] | np.ndarray, boxes: list[Box], mode: str = "bilinear"):
+        """Axial slices ``z`` of ``data``, each cropped to its box and resampled to the model's input
+        [N, 1, R, R] (slices sharing a box in one call), and each slice's grid for the way back."""
+        pad = -1.0 if mode == "bilinear" else 0.0
+        out = torch.empty((len(z), 1, self.resolution, self.resolution), dtype=torch.float32)
+        grids = [SliceGrid(b.x1 - b.x0, b.y1 - b.y0, self.resolution) for b in boxes]
+        for box, rows in _grouped(boxes).items():
+            grid = grids[rows[0]]
+            out[rows] = grid.to_model(axial_slices(data[box.index], np.asarray(z)[rows]), mode=mode, pad_value=pad)
+        return out.to(self.model.device), grids
 
     def _segment_label(
-        self, sources: list[tuple[SupportVolume, np.ndarray, np.ndarray, Placement]], query_image: np.ndarray
+        self, sources: list[Source], query_image: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, LabelReport]:
         """Probability, uncertainty and dissent maps (None where members cannot disagree) of one
-        label from every support volume that has it: each query slice against its nearest
-        support slices of each volume (equal weight per volume), the support encoded once."""
-        first = min(place.first for *_, place in sources)
-        last = max(place.last for *_, place in sources)
+        label from every support volume that has it: each query slice against its serving support
+        slices of each volume (equal weight per volume), the support encoded once; only the query
+        slices and the in-plane box the sources place it in are segmented (zero elsewhere)."""
+        first = min(s.place.first for s in sources)
+        last = max(s.place.last for s in sources)
         query_z = np.arange(first, last + 1)
-        images, masks, indices, weights, served = [], [], [], [], []
-        for source, data, drawn, place in sources:
+        images, masks, indices, weights, served, query_boxes = [], [], [], [], [], []
+        for source in sources:
+            data, drawn, place = source.data, source.drawn, source.place
             annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
             # in the same volume every drawn or corrected slice is a support (bounded); from another
             # volume, a few spread over the structure (EP1)
@@ -388,20 +459,24 @@ class VolumeSegmenter:
             support_z = choose_support_slices(
                 annotated, self.config.max_volume_supports if same else self.config.max_supports
             )
-            nearest, weight = serving_supports(place.position(query_z), support_z, self.config.supports_per_query)
-            indices.append(nearest + sum(len(s.support_slices) for s in served))
-            weights.append(weight / len(sources))
-            served.append(ServedBy(source.name, support_z, place))
-            grid = SliceGrid(*data.shape[:2], self.resolution)
-            images.append(self._model_slices(data, support_z, grid))
-            coverage = self._model_slices(drawn.astype(np.float32), support_z, grid, "bilinear")
+            serving = serving_supports(place.position(query_z), support_z, self.config.supports_per_query)
+            indices.append(serving.index + sum(len(s.support_slices) for s in served))
+            weights.append(serving.weights / len(sources))
+            served.append(ServedBy(source.volume.name, support_z, place))
+            support_boxes, boxes = self._boxes(source, support_z, serving)
+            query_boxes.append(boxes)
+            images.append(self._crops(data, support_z, support_boxes)[0])
+            coverage = self._crops(drawn.astype(np.float32), support_z, support_boxes)[0]
             mask = (coverage > 0.5).float()
             thin = mask.flatten(1).sum(dim=1) == 0  # a structure thinner than a model pixel: keep any overlap
             masks.append(torch.where(thin[:, None, None, None], (coverage > 0).float(), mask))
         index, weight = (torch.from_numpy(np.concatenate(a, axis=1)).to(self.model.device) for a in (indices, weights))
-
-        grid = SliceGrid(*query_image.shape[:2], self.resolution)
-        queries = self._model_slices(query_image, query_z, grid)  # one upload for the whole stack
+        whole = Box.whole(query_image.shape)
+        boxes = [
+            whole if any(b is None for b in per_source) else functools.reduce(Box.union, per_source)
+            for per_source in zip(*[b or [None] * len(query_z) for b in query_boxes])
+        ]
+        queries, grids = self._crops(query_image, query_z, boxes)  # one upload for the whole stack
         with torch.inference_mode(), self.options.autocast(self.model.device):
             support = self.model.encode_support(torch.cat(images), torch.cat(masks))
             outputs = segment_slices(
@@ -417,7 +492,9 @@ class VolumeSegmenter:
 
         def volume_of(slices: torch.Tensor) -> np.ndarray:
             array = np.zeros(query_image.shape, dtype=np.float32)
-            array[..., query_z] = np.moveaxis(grid.from_model(slices).cpu().numpy()[:, 0], 0, -1)  # one download
+            for box, rows in _grouped(boxes).items():
+                pixels = grids[rows[0]].from_model(slices[rows].float()).cpu().numpy()[:, 0]
+                array[box.index + (query_z[rows],)] = np.moveaxis(pixels, 0, -1)
             return array
 
         report = LabelReport(
@@ -456,16 +533,18 @@ class VolumeSegmenter:
         result = SegmentationResult(labels)
         registrations: dict[int, placement.Registration] = {}
         for label_id in label_ids:
-            sources = []
-            for source, data in zip(supports, normalised):
-                drawn = source.label.data == label_id
-                if drawn.any():
-                    sources.append(
-                        (source, data, drawn, self._place(source, data, drawn, query, query_data, registrations))
-                    )
+            sources = [
+                self._place(source, data, source.label.data == label_id, query, query_data, registrations)
+                for source, data in zip(supports, normalised)
+                if (source.label.data == label_id).any()
+            ]
             probability, uncertainty, disagreement, report = self._segment_label(sources, query_data)
             mask = probability >= self.config.threshold
-            own = [drawn for source, _, drawn, _ in sources if source.is_query(query)]
+            own = [s.drawn for s in sources if s.volume.is_query(query)]
+            if own and self.config.grounding:  # followed outwards only while it stays continuous
+                mask = grounding.where_it_ends(
+                    mask, np.flatnonzero(own[0].any(axis=(0, 1))), self.config.end_continuity
+                )
             if self.config.largest_component:
                 mask = keep_consistent_components(mask, own[0] if own else None)
             if own:

@@ -20,7 +20,7 @@ from sdfsmis.episodes import TrainingVolume
 from sdfsmis.evaluation.dataset import PreparedDataset
 from sdfsmis.evaluation.harness import Evaluator, slice_dice
 from sdfsmis.evaluation.lookalike import write_chaos
-from sdfsmis.evaluation.methods import DPL_VARIANTS, Method, MethodFactory
+from sdfsmis.evaluation.methods import DPL_VARIANTS, METHODS, Method, MethodFactory
 from sdfsmis.evaluation.metrics import score_volume, summarise, uncertainty_correlation
 from sdfsmis.evaluation.prepare import prepare
 from sdfsmis.evaluation.protocol import chunk_index, make_folds, support_slices, training_selection
@@ -439,6 +439,37 @@ def test_nearest_slice_copy_takes_the_nearest_annotated_mask_within_its_reach():
     assert NearestSliceCopy.reach(np.array([4, 8, 14]), 15) == (2, 14)  # within the volume
     single = NearestSliceCopy().propagate(drawn, [8])  # one slice: no gap known, nothing beyond it
     assert np.flatnonzero(single.any(axis=(0, 1))).tolist() == [8]
+
+
+def test_interpolation_morphs_one_drawing_into_the_next():
+    from sdfsmis.evaluation.interpolation import SliceInterpolation
+
+    drawn = np.zeros((20, 6, 9), dtype=bool)
+    drawn[8:13, :, 2] = True  # a band x 8..12 (half-width 2 about x = 10)
+    drawn[4:17, :, 6] = True  # a band x 4..16 (half-width 6)
+    out = SliceInterpolation().propagate(drawn)
+    # by hand, signed distances along x (inside: pixels to the nearest outside one; outside: minus
+    # pixels to the nearest inside one), blended (1 - t) d2 + t d6 with t = (z - 2) / 4, > 0 inside:
+    # z 3 (t 1/4): x 7 gives 0.75 x -1 + 0.25 x 4 > 0, x 6 gives -0.75 -> x 7..13
+    # z 4 (t 1/2): x 6 gives 0.5 x -2 + 0.5 x 3 > 0, x 5 gives -0.5 -> x 6..14
+    # z 5 (t 3/4): x 5 gives 0.25 x -3 + 0.75 x 2 > 0, x 4 gives -0.25 -> x 5..15
+    # beyond: the outer drawing copied within half the gap (2 slices): z 0..1 and 7..8
+    expected = {
+        0: (8, 12),
+        1: (8, 12),
+        2: (8, 12),
+        3: (7, 13),
+        4: (6, 14),
+        5: (5, 15),
+        6: (4, 16),
+        7: (4, 16),
+        8: (4, 16),
+    }
+    for z, (low, high) in expected.items():
+        row = np.flatnonzero(out[:, 0, z])
+        assert (row.min(), row.max()) == (low, high) and len(row) == high - low + 1, z
+        assert (out[..., z] == out[:, :1, z]).all()  # the same along y
+    assert "interpolation" in METHODS  # a method of `sdfsmis evaluate --protocol propagation`
 
 
 @pytest.fixture(scope="module")

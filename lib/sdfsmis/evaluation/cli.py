@@ -56,7 +56,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         methods = (["sdfsmis"] if args.backbone else []) + (["dpl"] if args.backbone and args.dpl_checkpoint else [])
         methods += ["prototype", "registration"]
-        methods = (["nearest-slice"] if args.protocol == "propagation" else []) + methods
+        methods = (["nearest-slice", "interpolation"] if args.protocol == "propagation" else []) + methods
     try:
         check_methods(args.protocol, methods)
     except ValueError as error:
@@ -198,7 +198,7 @@ def add_evaluation_commands(commands) -> None:
         action="append",
         default=None,
         help="comma-separated, of sdfsmis, dpl, dpl-lambda0, dpl-untrained-denoiser, dpl-no-condition, prototype, "
-        "registration, nearest-slice (propagation only) (default: all that can run)",
+        "registration, nearest-slice and interpolation (propagation only) (default: all that can run)",
     )
     evaluate.add_argument("--backbone", default=None, help="backbone directory or 'default' (sdfsmis, dpl*)")
     evaluate.add_argument(

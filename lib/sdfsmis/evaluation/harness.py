@@ -36,6 +36,7 @@ from ..config import InferenceConfig
 from ..inference import VolumeSegmenter
 from ..volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity, ras_spacing
 from .dataset import PreparedDataset
+from .interpolation import SliceInterpolation
 from .methods import PROPAGATION_ONLY, Method
 from .metrics import score_volume
 from .nearest_slice import NearestSliceCopy
@@ -202,7 +203,7 @@ class Evaluator:
         drawn = np.zeros_like(truth)
         drawn[..., drawn_z] = truth[..., drawn_z]
         confidence = None
-        if isinstance(method.model, NearestSliceCopy):
+        if isinstance(method.model, (NearestSliceCopy, SliceInterpolation)):  # training-free floors
             started = time.perf_counter()
             prediction = method.model.propagate(drawn, drawn_z)
             seconds = time.perf_counter() - started
@@ -304,7 +305,7 @@ class Evaluator:
         clip = self.inference.clip_percentiles
         same_volume = self.protocol == "propagation"  # every test volume is a query, no support volume
         records, fold_info = [], []
-        for fold in make_folds(self.dataset.cases, folds, support_index):
+        for fold in make_folds(self.dataset.cases, folds, support_index, least=1 if same_volume else 2):
             fold_info.append({"fold": fold.index, "cases": fold.cases, "support": fold.support})
             support, queries = None, None
             for key in methods:

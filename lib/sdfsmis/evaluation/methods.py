@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import PrototypeMatcher, RegistrationPropagation
+from .interpolation import SliceInterpolation
 from .nearest_slice import NearestSliceCopy
 
 #: DPL and its ablations (../shared/docs/dpl.md "Ablations worth printing"), all from the same
@@ -27,17 +28,17 @@ DPL_VARIANTS = {
     "dpl-untrained-denoiser": "DPL, untrained denoiser",
     "dpl-no-condition": "DPL, no spatial condition",
 }
-METHODS = ("sdfsmis", *DPL_VARIANTS, "prototype", "registration", "nearest-slice")
+METHODS = ("sdfsmis", *DPL_VARIANTS, "prototype", "registration", "nearest-slice", "interpolation")
 #: Methods that only the same-volume ``propagation`` protocol can run (they copy the volume's own
 #: annotation; from another patient's volume there is nothing to copy).
-PROPAGATION_ONLY = ("nearest-slice",)
+PROPAGATION_ONLY = ("nearest-slice", "interpolation")
 
 
 @dataclass
 class Method:
     key: str
     title: str
-    model: Any  # a one-shot model, or NearestSliceCopy (its own ``propagate``, no model)
+    model: Any  # a one-shot model, or a training-free floor (its own ``propagate``, no model)
     threshold: float = 0.5
     relative_threshold: float | None = None  # paper rule: fraction of the chunk's maximum
     largest_per_slice: bool = False  # paper rule: keep the largest 2-D component of each slice
@@ -90,6 +91,8 @@ class MethodFactory:
             return Method(key, RegistrationPropagation.title, RegistrationPropagation(self.registration_resolution))
         if key == "nearest-slice":
             return Method(key, NearestSliceCopy.title, NearestSliceCopy())
+        if key == "interpolation":
+            return Method(key, SliceInterpolation.title, SliceInterpolation())
         if key != "sdfsmis" and key not in DPL_VARIANTS:
             raise ValueError(f"unknown method {key!r} (known: {', '.join(METHODS)})")
         from ..models import load_model, method_class

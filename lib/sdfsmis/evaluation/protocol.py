@@ -25,12 +25,14 @@ class Fold:
         return [c for c in self.cases if c != self.support]
 
 
-def make_folds(cases: list[str], folds: int, support_index: int = 0) -> list[Fold]:
+def make_folds(cases: list[str], folds: int, support_index: int = 0, least: int = 2) -> list[Fold]:
     """Contiguous folds over the sorted case list (fold k: cases[k n / F : (k + 1) n / F]); the
-    support volume is the ``support_index``-th case of each fold."""
+    support volume is the ``support_index``-th case of each fold. A fold needs ``least`` volumes:
+    2 (a support and a query), 1 where each volume is its own support (propagation)."""
     cases = sorted(cases)
-    if folds < 1 or len(cases) < 2 * folds:
-        raise ValueError(f"{len(cases)} volumes cannot make {folds} folds of at least 2 (a support and a query)")
+    if folds < 1 or len(cases) < least * folds:
+        what = "a support and a query" if least > 1 else "a volume"
+        raise ValueError(f"{len(cases)} volumes cannot make {folds} folds of at least {least} ({what})")
     split = [cases[k * len(cases) // folds : (k + 1) * len(cases) // folds] for k in range(folds)]
     return [Fold(k, part, part[min(support_index, len(part) - 1)]) for k, part in enumerate(split)]
 

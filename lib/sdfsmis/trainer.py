@@ -209,6 +209,12 @@ class Trainer:
             if labelled
             else None
         )
+        if self.gt_validation is not None:
+            try:  # labelled structures smaller than an episode's least foreground cannot validate
+                self.gt_validation.episode(0)
+            except RuntimeError as error:
+                logger.warning(f"no validation on the ground-truth labels: {error}")
+                self.gt_validation = None
 
     def _load(self, image: Path) -> TrainingVolume:
         label = find_label(image) if self.run.use_labels else None

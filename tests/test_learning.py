@@ -5,6 +5,7 @@ neighbouring slice far better than the untrained model."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from sdfsmis.config import load_config
 from sdfsmis.episodes import TrainingVolume
@@ -18,6 +19,7 @@ LIVER = 1
 def _one_shot_dice(backbone, checkpoint, volume: TrainingVolume, organ: int) -> float:
     """Mean Dice over the organ's slices, each segmented with the previous slice as support."""
     config = load_config(backbone=backbone)
+    torch.manual_seed(0)  # the untrained head's random part: the same whatever ran before in this process
     model = SDFSMIS.from_backbone(backbone, config.model, checkpoint).eval()
     masks = (volume.labels == organ)[:, None].float()
     pairs = [z for z in range(len(masks) - 1) if masks[z].sum() >= 20 and masks[z + 1].sum() >= 20]

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -157,16 +159,22 @@ def test_our_training_step_equals_the_released_one(tiny_backbone, tiny_config):
     assert abs(our_loss["loss"].item() - released_loss) < 1e-5
     before = SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).unet.state_dict()
     for name, value in ours.unet.state_dict().items():
-        # Adam's first step moves every weight by ~lr (1e-3) along the gradient's sign: a different
-        # gradient shows everywhere, summation order only on a few near-zero gradients
+        # Adam's first step moves a weight by lr g / (|g| + eps), within lr of where it was, along the
+        # gradient's sign, whatever the gradient's size: two gradients that differ only by summation
+        # order (another CPU, another thread count) give the same step except where |g| is near eps,
+        # and there the steps differ by at most 2 lr (opposite signs). A different gradient would
+        # move most weights by ~lr; so: at most 2 lr anywhere, and on under 1 % of the weights
+        lr = cfg.lr_unet
         difference = (value - released.unet.state_dict()[name]).abs()
-        assert difference.max() < 2e-4 and (difference > 1e-5).float().mean() < 0.01, name
+        assert difference.max() <= 2 * lr * (1 + 1e-3) and (difference > 1e-2 * lr).float().mean() < 0.01, name
     assert any(not torch.equal(value, before[name]) for name, value in ours.unet.state_dict().items())
 
 
-def run_bench_cli(tmp_path, *args: str) -> tuple[dict, str]:
-    """``sdfsmis bench --shape tiny ARGS`` in its own process -> (the JSON, stdout)."""
+def run_bench_cli(tmp_path, *args: str) -> tuple[dict, str, float, float]:
+    """``sdfsmis bench --shape tiny ARGS`` in its own process -> (the JSON, stdout, and the wall and
+    CPU seconds of that process measured here, around it)."""
     out = tmp_path / "bench.json"
+    started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     run = subprocess.run(
         [sys.executable, "-m", "sdfsmis.cli", "bench", "--shape", "tiny", *args, "--json", str(out)],
         capture_output=True,
@@ -174,12 +182,14 @@ def run_bench_cli(tmp_path, *args: str) -> tuple[dict, str]:
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         timeout=600,
     )
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(out.read_text()), run.stdout
+    return json.loads(out.read_text()), run.stdout, wall, cpu
 
 
 def test_bench_cli_reports_inference_and_training(tmp_path):
-    result, stdout = run_bench_cli(
+    result, stdout, wall, cpu = run_bench_cli(
         tmp_path,
         *("--slices", "5", "--supports", "2", "--repeats", "2", "--reference-slices", "3"),
         *("--train", "--train-steps", "2", "--warmup-steps", "1", "--workers", "1"),
@@ -189,7 +199,22 @@ def test_bench_cli_reports_inference_and_training(tmp_path):
     assert result["retain_freed_memory"] is True  # CPU default, glibc
     for key in ("ours_s_per_slice", "reference_s_per_slice", "ours_it_per_s", "reference_it_per_s", "peak_memory_gb"):
         assert result[key] > 0, key
-    assert result["speedup"] == pytest.approx(result["reference_s_per_slice"] / result["ours_s_per_slice"], rel=1e-2)
+    # the figures against this test's own clocks. Timed, in disjoint stretches of the command: 2 x 3
+    # reference slices (their median, so at least 3 of them take that long or more), our 2 runs of 5
+    # slices (their median is their mean) and the 2 + 2 timed training steps; all of it fits in the
+    # command's wall time measured around it, whatever the machine. Each figure is taken at the low
+    # end of its rounding (s/slice: 5 decimals, it/s: 4)
+    low = 5e-6
+    inference = 3 * (result["reference_s_per_slice"] - low) + 2 * 5 * (result["ours_s_per_slice"] - low)
+    training = 2 / (result["ours_it_per_s"] + 5e-5) + 2 / (result["reference_it_per_s"] + 5e-5)
+    assert inference + training <= wall, (inference, training, wall)
+    assert 3 * (result["reference_cpu_s_per_slice"] - low) + 10 * (result["ours_cpu_s_per_slice"] - low) <= cpu
+    # the supports and queries of our faster run (the lower median) make at most the median time
+    run = result["ours_support_s"] + 5 * result["ours_query_s_per_slice"]
+    assert run <= 5 * result["ours_s_per_slice"] + 5e-5 + 5 * 2 * low
+    # what the speed-up means: the reference's time over ours, from the unrounded figures
+    ref, ours = result["reference_s_per_slice"], result["ours_s_per_slice"]
+    assert (ref - low) / (ours + low) - 5e-4 <= result["speedup"] <= (ref + low) / (ours - low) + 5e-4
     assert result["masks_agree"] is True and result["mask_dice"] > 0.99
     assert "speed-up" in stdout and "masks agree" in stdout
 
@@ -197,6 +222,6 @@ def test_bench_cli_reports_inference_and_training(tmp_path):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_inference_gives_the_released_masks(tmp_path):
     """``--compile`` (torch.compile of the UNet, through the SQI processor, and the VAE decoder)."""
-    result, _ = run_bench_cli(tmp_path, "--slices", "5", "--supports", "2", "--repeats", "1", "--compile")
+    result, *_ = run_bench_cli(tmp_path, "--slices", "5", "--supports", "2", "--repeats", "1", "--compile")
     assert result["compile"] is True
     assert result["masks_agree"] is True and result["max_probability_difference"] < 1e-4

@@ -1,6 +1,7 @@
-"""A short soak of the REAL server on loopback: several client threads send a few hundred mixed
+"""A short soak of the REAL server on loopback: several client threads send a fixed number of mixed
 requests (inference, label submission, info, datastore, bad input) at once. No label may be
-lost, no answer may be a 5xx, every answer must be the expected one. Prints the figures."""
+lost, no answer may be a 5xx, every answer must be the expected one. Prints the figures (JSON and
+a table): throughput and latency are measured, never asserted."""
 
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ from sdfsmis.weights import WEIGHTS_NAME
 
 SHAPE = (48, 48, 16)
 CLIENTS = 4  # client i owns image case_00i for its submissions: "the last acknowledged label" is well defined
-REQUESTS = 300
-TIME_LIMIT_S = 50.0
+REQUESTS = 160  # all of them are sent, however long the machine takes: each has its own HTTP timeout
 SEED = 70
 LABEL_INFO = [{"name": name, "idx": idx} for name, idx in ABDOMINAL_LABELS.items()]
 
@@ -104,8 +104,8 @@ class Client:
         if kind == "submit" and response.status_code == 200:
             self.last_label = label
 
-    def run(self, deadline: float, quota: int) -> None:
-        while len(self.records) < quota and time.time() < deadline:
+    def run(self, quota: int) -> None:
+        while len(self.records) < quota:
             self.one()
 
 
@@ -121,7 +121,7 @@ def test_soak_mixed_requests_from_several_clients(server):
         assert client.submit(client.last_label).status_code == 200
 
     started = time.time()
-    threads = [threading.Thread(target=c.run, args=(started + TIME_LIMIT_S, REQUESTS // CLIENTS)) for c in clients]
+    threads = [threading.Thread(target=c.run, args=(REQUESTS // CLIENTS,)) for c in clients]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -168,5 +168,5 @@ def test_soak_mixed_requests_from_several_clients(server):
     assert not failures, [u for c in clients for u in c.unexpected][:10]
     assert not server_errors
     assert not lost, f"labels lost for {lost}"
-    assert len(records) >= REQUESTS // 2  # the soak really ran (the time limit stops a slow machine)
+    assert len(records) == REQUESTS  # every client sent its share, none stopped on an exception
     assert requests.get(f"{url}/info/", timeout=5).status_code == 200

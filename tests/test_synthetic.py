@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -30,10 +28,8 @@ def test_deterministic_per_seed_and_patients_differ():
     assert (spread > 1.05).all() and (spread < 2.0).all()
 
 
-def test_labels_shapes_dtypes_and_speed():
-    start = time.perf_counter()
+def test_labels_shapes_and_dtypes():
     image, label, affine = make_volume(0)
-    assert time.perf_counter() - start < 0.5
     assert image.shape == label.shape == (96, 96, 40)
     assert image.dtype == np.float32 and label.dtype == np.uint8 and affine.shape == (4, 4)
     assert set(np.unique(label)) == {0, 1, 2, 3, 4}

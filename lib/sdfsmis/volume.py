@@ -117,11 +117,15 @@ def _is_itk_file(path: Path) -> bool:
 
 
 def _itk_io(path: Path):
-    """ITK picks its reader by file name; NRRD content under another name gets the NRRD reader."""
+    """ITK picks its reader by file name, and its MetaImage reader only by a lower-case suffix: NRRD
+    content under another name gets the NRRD reader, a MetaImage suffix in any case (``SCAN.MHA``,
+    as :data:`ITK_SUFFIXES` are matched) the MetaImage reader."""
     import itk  # slow to import (~4 s): only when such a file comes
 
     if _is_nrrd_content(path):
         return itk.NrrdImageIO.New()
+    if path.name.lower().endswith((".mha", ".mhd")):
+        return itk.MetaImageIO.New()
     return itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
 
 
@@ -318,7 +322,8 @@ def normalise_intensity(data: np.ndarray, percentiles: tuple[float, float]) -> n
     low, high = np.percentile(data, percentiles)
     if high <= low:
         high = low + 1.0
-    return (np.clip(data, low, high) - low) / (high - low) * 2 - 1
+    scaled = (np.clip(data, low, high) - low) / (high - low) * 2 - 1
+    return np.clip(scaled, -1.0, 1.0)  # float32 rounding can land a hair outside
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,9 @@ def test_slice_grid_keeps_shapes_and_a_constant(n, height, width, resolution, va
 def test_normalised_intensities_lie_in_minus_one_one_in_the_same_order(data, low, high):
     out = normalise_intensity(data, (low, high))
     assert out.shape == data.shape
-    assert out.min() >= -1.0 and out.max() <= 1.0
+    # float32: (x - low) / (high - low) * 2 - 1 rounds three times, each within half a unit in the last
+    # place (6e-8 near 1): the ends may land a few of those outside [-1, 1]
+    assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
     order = np.argsort(data, axis=None, kind="stable")
     assert (np.diff(out.ravel()[order]) >= 0).all()  # clip, shift and scale never reorder voxels
     full = normalise_intensity(data, (0.0, 100.0))

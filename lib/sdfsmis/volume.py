@@ -322,8 +322,7 @@ def normalise_intensity(data: np.ndarray, percentiles: tuple[float, float]) -> n
     low, high = np.percentile(data, percentiles)
     if high <= low:
         high = low + 1.0
-    scaled = (np.clip(data, low, high) - low) / (high - low) * 2 - 1
-    return np.clip(scaled, -1.0, 1.0)  # float32 rounding can land a hair outside
+    return (np.clip(data, low, high) - low) / (high - low) * 2 - 1
 
 
 @dataclass(frozen=True)

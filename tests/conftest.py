@@ -4,14 +4,19 @@ even when pytest-xdist runs the modules in several worker processes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,3 +115,26 @@ def trained_dpl(tiny_backbone, tmp_path_factory) -> tuple[dict, Path]:
         tmp_path_factory, "dpl_trained", lambda root: _self_supervised(tiny_backbone, root, "dpl")
     )
     return summary, root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def realm():
+    """A realm endpoint answering as Keycloak's ``/realms/NAME`` does, and its signing key."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    body = json.dumps({"realm": "sdfsmis", "public_key": base64.b64encode(public).decode()}).encode()
+
+    class Realm(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/realms/sdfsmis" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{http.server_address[1]}/realms/sdfsmis", key
+    http.shutdown()

@@ -5,16 +5,12 @@ included, and MONAI Label's roles apply."""
 
 from __future__ import annotations
 
-import base64
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from app_server import monailabel_server
@@ -24,29 +20,6 @@ from sdfsmis.weights import WEIGHTS_NAME
 
 SHAPE = (48, 48, 16)
 USER, ANNOTATOR = "monailabel-user", "monailabel-annotator"  # MONAI Label's default role names
-
-
-@pytest.fixture(scope="module")
-def realm():
-    """A realm endpoint answering as Keycloak's ``/realms/NAME`` does, and its signing key."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    body = json.dumps({"realm": "sdfsmis", "public_key": base64.b64encode(public).decode()}).encode()
-
-    class Realm(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/realms/sdfsmis" else 404)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{http.server_address[1]}/realms/sdfsmis", key
-    http.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jwt
@@ -32,7 +31,6 @@ import numpy as np
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from monailabel.client.client import MONAILabelClient, MONAILabelClientException
 
 from app_server import monailabel_server, server_process
@@ -486,28 +484,6 @@ def test_an_untrained_head_is_served_when_allowed_and_its_result_says_so(demo_si
 
 # ---------------------------------------------------------------------------------------------
 # authentication: a realm answering as Keycloak's /realms/NAME does, served on loopback
-
-
-@pytest.fixture(scope="module")
-def realm():
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    body = json.dumps({"realm": "sdfsmis", "public_key": base64.b64encode(public).decode()}).encode()
-
-    class Realm(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/realms/sdfsmis" else 404)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{http.server_address[1]}/realms/sdfsmis", key
-    http.shutdown()
 
 
 @pytest.fixture(scope="module")

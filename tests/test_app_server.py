@@ -25,7 +25,7 @@ def server(tmp_path_factory, fitted_backbone, trained_checkpoint):
     make_studies(root / "studies", 3, seed=20)
     # a volume no episode can come from (air, a 6-voxel cube of tissue): training must skip it
     hopeless = np.full((64, 64, 24), -1000, np.int16)
-    hopeless[30:36, 30:36, 9:15] = 40
+    hopeless[30:36, 30:36, 9] = 40  # tissue on one slice: no supervoxel on two adjacent ones
     write_nifti(root / "studies" / "tiny_body.nii.gz", hopeless, np.diag([1.5, 1.5, 5.0, 1.0]))
     (root / "model").mkdir()
     shutil.copy(trained_checkpoint, root / "model" / "sdfsmis.safetensors")

@@ -78,10 +78,12 @@ def gt_studies(tmp_path_factory) -> list[Path]:
 def _episode_sources(backbone: Path, images: list[Path], rate: float, count: int) -> list[str]:
     """The training sampler of a run with ``training.gt_rate = rate``; for each episode, what its
     masks are: "ground truth" or "supervoxel" when one side (the one augmentation left alone)
-    equals a region of that file on a slice, "neither" otherwise."""
+    equals a region of that file on a slice, "neither" otherwise. Whole-slice episodes, so that a
+    mask is a slice of the file at model resolution (zoomed ones are crops of it)."""
     config = load_config(backbone=backbone)
     assert config.model.resolution == 64
     config.training.gt_rate = rate
+    config.training.zoom_episodes = False
     run = TrainingRun(backbone, images, images[0].parent / f"out_{rate}", config, iterations=1, progress=False)
     trainer = Trainer(run)
     truth = set().union(*(_slice_masks(p.parent / "labels" / "final" / p.name) for p in images))

@@ -25,6 +25,10 @@ WORLD = 2
 
 def _run(backbone: Path, images: list[Path], output: Path, method: str) -> TrainingRun:
     config = load_config(backbone=backbone)
+    # whole-slice episodes: the tolerances below were measured on them; zoomed crops change only the
+    # episodes (the same sampler code on every rank), and make DPL's mathematically zero gradients
+    # (see below) round to > 1e-6, where the test could no longer tell them from real ones
+    config.training.zoom_episodes = False
     config.training.checkpoint_every = ITERATIONS
     config.training.validation_episodes = 2
     return TrainingRun(

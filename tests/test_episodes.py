@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdfsmis.augment import augment
-from sdfsmis.episodes import EpisodeSampler, TrainingVolume
+from sdfsmis.episodes import EpisodeSampler, EpisodeZoom, TrainingVolume
 from sdfsmis.synthetic import make_studies
 
 
@@ -78,3 +78,36 @@ def test_setting2_leaving_no_usable_slices_says_so(volume):
         sampler.episode(0)
     volume.excluded[:] = False
     assert sampler.episode(0).query_image.shape[-1] == 64
+
+
+@pytest.fixture(scope="module")
+def zoomed(tmp_path_factory) -> TrainingVolume:
+    folder = tmp_path_factory.mktemp("zoomed")
+    image = make_studies(folder, 1, with_labels=True, shape=(80, 80, 24), spacing=(1.0, 1.0, 2.0))[0]
+    return TrainingVolume.load(
+        image, 64, folder / "labels" / "final" / image.name, supervoxel_min_size=800, zoom=EpisodeZoom(10.0, 0.5)
+    )
+
+
+def test_zoomed_episode_is_the_box_around_the_support_for_both_slices(zoomed):
+    """A 6-voxel square (1 mm voxels) gets a 10 mm margin: a 26-voxel box, so it spans 6 / 26 of the
+    model's 64 pixels (14.8) and covers about 219 of them; the query is cut from the same box, so a
+    square moved by 3 voxels on the query slice moves by 3 x 64 / 26 = 7.4 model pixels."""
+    assert zoomed.spacing == (1.0, 1.0, 2.0) and zoomed.images.shape[2:] == (80, 80)
+    masks = torch.zeros((24, 80, 80), dtype=torch.bool)
+    masks[10, 30:36, 40:46] = True
+    masks[11, 33:39, 40:46] = True
+    support_image, support_mask, query_image, query_mask = zoomed.pair(masks, 10, 11)
+    assert support_image.shape == query_image.shape == (1, 1, 64, 64)
+    assert float(support_mask.sum()) == pytest.approx((6 / 26 * 64) ** 2, rel=0.15)
+    rows = lambda m: torch.nonzero(m[0, 0].any(dim=1)).flatten().float().mean()  # noqa: E731
+    assert float(rows(support_mask)) == pytest.approx(31.5, abs=1.0)  # the box is centred on the support
+    assert float(rows(query_mask) - rows(support_mask)) == pytest.approx(3 * 64 / 26, abs=1.0)
+
+
+def test_zoomed_sampler_gives_episodes_of_the_least_foreground(zoomed):
+    sampler = EpisodeSampler([zoomed], seed=5, min_foreground=100, augment_episodes=False)
+    for i in range(6):
+        episode = sampler.episode(i)
+        assert episode.support_image.shape == (1, 1, 64, 64)
+        assert min(episode.support_mask.sum(), episode.query_mask.sum()) >= 100

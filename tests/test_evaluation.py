@@ -83,6 +83,20 @@ def test_class_dice_is_the_mean_of_per_volume_dice_not_pooled():
     assert summarise(records)["m"]["classes"]["liver"]["dice"] == pytest.approx(0.35)
 
 
+def test_volume_ratio_is_predicted_over_true_voxels_per_volume_then_averaged():
+    truth = np.zeros((20, 20, 10), dtype=bool)
+    truth[5:10, 5:10, 2:6] = True  # 100 voxels
+    painted = truth.copy()
+    painted[..., 6:] = painted[..., 2:6]  # the same shape copied onward: 100 more voxels
+    scores = [score_volume(painted, truth, (1, 1, 1)), score_volume(truth, truth, (1, 1, 1))]
+    assert scores[0]["volume_ratio"] == pytest.approx(2.0) and scores[1]["volume_ratio"] == pytest.approx(1.0)
+    assert np.isnan(score_volume(truth, np.zeros_like(truth), (1, 1, 1))["volume_ratio"])  # nothing to compare to
+    records = [{"method": "m", "organ": "liver", "fold": 0, "seconds": 1.0, "slices": 10, **s} for s in scores]
+    summary = summarise(records)["m"]
+    assert summary["classes"]["liver"]["volume_ratio"] == pytest.approx(1.5)
+    assert summary["mean"]["volume_ratio"] == pytest.approx(1.5)
+
+
 def test_surface_distances_are_in_millimetres():
     truth = np.zeros((30, 30, 12), dtype=bool)
     truth[5:25, 5:25, 2:10] = True

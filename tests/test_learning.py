@@ -11,23 +11,24 @@ from sdfsmis.config import load_config
 from sdfsmis.episodes import TrainingVolume
 from sdfsmis.models.sdfsmis import SDFSMIS
 from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.trainer import dice
+from sdfsmis.trainer import dice, episode_zoom
 
 LIVER = 1
 
 
 def _one_shot_dice(backbone, checkpoint, volume: TrainingVolume, organ: int) -> float:
-    """Mean Dice over the organ's slices, each segmented with the previous slice as support."""
+    """Mean Dice over the organ's slices, each segmented with the previous slice as support, both
+    framed as training and grounded inference frame them (the volume's episode zoom)."""
     config = load_config(backbone=backbone)
     torch.manual_seed(0)  # the untrained head's random part: the same whatever ran before in this process
     model = SDFSMIS.from_backbone(backbone, config.model, checkpoint).eval()
-    masks = (volume.labels == organ)[:, None].float()
+    masks = volume.labels == organ
     pairs = [z for z in range(len(masks) - 1) if masks[z].sum() >= 20 and masks[z + 1].sum() >= 20]
     scores = []
     for z in pairs:
-        support = model.encode_support(volume.images[z : z + 1], masks[z : z + 1])
-        probability = model.segment(support, volume.images[z + 1 : z + 2])
-        scores.append(dice((probability >= config.inference.threshold).float(), masks[z + 1 : z + 2]))
+        support_image, support_mask, query_image, query_mask = volume.pair(masks, z, z + 1)
+        probability = model.segment(model.encode_support(support_image, support_mask), query_image)
+        scores.append(dice((probability >= config.inference.threshold).float(), query_mask))
     return float(np.mean(scores))
 
 
@@ -38,6 +39,7 @@ def test_supervoxel_training_learns_the_liver(fitted_backbone, trained_checkpoin
         load_config(backbone=fitted_backbone).model.resolution,
         write_nifti(tmp_path / "label.nii.gz", truth, affine),
         supervoxel_min_size=2000,
+        zoom=episode_zoom(load_config(backbone=fitted_backbone)),
     )
     untrained = _one_shot_dice(fitted_backbone, None, volume, LIVER)
     trained = _one_shot_dice(fitted_backbone, trained_checkpoint, volume, LIVER)

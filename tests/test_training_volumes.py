@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from sdfsmis.config import load_config
-from sdfsmis.episodes import NoEpisodes, TrainingVolume
+from sdfsmis.episodes import EpisodeZoom, NoEpisodes, TrainingVolume
 from sdfsmis.synthetic import make_studies, write_nifti
 from sdfsmis.trainer import TrainingRun, train
 
 
 def _hopeless(path: Path) -> Path:
-    """Air with a 6-voxel cube of tissue: no supervoxel can cover an episode's foreground."""
+    """Air with tissue on one slice only: no supervoxel is on two adjacent slices, zoomed or not."""
     image = np.full((64, 64, 24), -1000, np.int16)
-    image[30:36, 30:36, 9:15] = 40
+    image[30:36, 30:36, 9] = 40
     return write_nifti(path, image, np.diag([1.5, 1.5, 5.0, 1.0]))
 
 
@@ -34,15 +34,29 @@ def _run(backbone: Path, images: list[Path], output: Path) -> dict:
 def test_auto_supervoxels_yield_episodes_at_any_voxel_size(tiny_backbone, tmp_path, spacing):
     images = make_studies(tmp_path / "studies", 1, seed=7, shape=(72, 88, 48), spacing=spacing, modality="MR")
     config = load_config(backbone=tiny_backbone)
-    assert config.training.supervoxel_min_size == "auto"
+    assert config.training.supervoxel_min_size == "auto" and config.training.zoom_episodes
     volume = TrainingVolume.load(images[0], config.model.resolution, None, "auto", (0.5, 99.5), 100)
     assert volume.why_no_episodes(100) is None
+    # whole-slice episodes (zoom off): the supervoxel size in mm follows the model pixel
     # the rule in mm: a minimum supervoxel's cross-section is twice the episode minimum at model resolution
     pixel_mm2 = spacing[0] * spacing[1] * (88 / config.model.resolution) ** 2
     side_mm = np.sqrt(2 * 100 * pixel_mm2)
     assert volume.supervoxel_min_size == round(side_mm**3 / np.prod(spacing))
     summary = _run(tiny_backbone, images, tmp_path / "out")
     assert summary["iterations"] == 2 and summary["skipped"] == []
+
+
+@pytest.mark.parametrize(("spacing", "expected"), [((1.0, 1.0, 1.0), 183), ((3.0, 3.0, 3.0), 7)], ids=["1mm", "3mm"])
+def test_zoomed_episodes_take_supervoxels_as_small_as_a_zoomed_episode_shows(tmp_path, spacing, expected):
+    """A 10 mm margin frames a cube of side s as s / (s + 20) of the model's side; 2 x 100 px of 64 x 64
+    is a share 0.0488 of the area, sqrt 0.2210, so s = 20 x 0.2210 / 0.7790 = 5.67 mm: 182.6 voxels of
+    1 mm; of 3 mm, two slices (6 mm) thick: 5.67 x 5.67 x 6 / 27 = 7.2 voxels."""
+    images = make_studies(tmp_path / "studies", 1, seed=7, shape=(72, 88, 48), spacing=spacing, modality="MR")
+    zoom = EpisodeZoom(margin_mm=10.0, margin_share=0.5)
+    volume = TrainingVolume.load(images[0], 64, None, "auto", (0.5, 99.5), 100, zoom)
+    assert volume.supervoxel_min_size == expected
+    assert volume.why_no_episodes(100) is None
+    assert volume.images.shape[2:] == (72, 88)  # kept at native resolution, cropped per episode
 
 
 def test_a_hopeless_volume_is_skipped_and_named_the_others_train(tiny_backbone, tmp_path, caplog):
@@ -52,7 +66,8 @@ def test_a_hopeless_volume_is_skipped_and_named_the_others_train(tiny_backbone, 
         summary = _run(tiny_backbone, [*good, bad], tmp_path / "out")
     assert summary["iterations"] == 2 and (tmp_path / "out" / "sdfsmis.safetensors").is_file()
     assert [s["image"] for s in summary["skipped"]] == ["tiny_body.nii.gz"]
-    assert "training.min_foreground" in summary["skipped"][0]["reason"]
+    assert "two adjacent slices" in summary["skipped"][0]["reason"]
+    assert "training.supervoxel_min_size" in summary["skipped"][0]["reason"]
     assert "skipping tiny_body.nii.gz" in caplog.text
 
 
@@ -63,6 +78,6 @@ def test_no_volume_with_episodes_names_the_setting_to_change(tiny_backbone, tmp_
     with pytest.raises(NoEpisodes) as error:
         _run(tiny_backbone, [hopeless, corrupt], tmp_path / "out")
     message = str(error.value)
-    assert "tiny_body.nii.gz: its largest supervoxel covers" in message
+    assert "tiny_body.nii.gz: no supervoxel" in message
     assert "broken.nii.gz" in message and "not a readable NIfTI" in message
     assert "--min-foreground" in message and "training.supervoxel_min_size" in message

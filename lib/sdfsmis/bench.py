@@ -324,15 +324,22 @@ def _time_our_training(
 
 
 def training_sampler(config: SDFSMISConfig):
-    """Supervoxel episodes from two generated studies at the model resolution."""
+    """Supervoxel episodes from two generated studies, zoomed as the training preset says."""
     from .episodes import EpisodeSampler, TrainingVolume
+    from .trainer import episode_zoom
 
     cfg = config.training
     with tempfile.TemporaryDirectory() as folder:
         images = make_studies(Path(folder), 2, seed=100)
         volumes = [
             TrainingVolume.load(
-                p, config.model.resolution, None, cfg.supervoxel_min_size, (0.5, 99.5), cfg.min_foreground
+                p,
+                config.model.resolution,
+                None,
+                cfg.supervoxel_min_size,
+                (0.5, 99.5),
+                cfg.min_foreground,
+                episode_zoom(config),
             )
             for p in images
         ]

@@ -52,6 +52,7 @@ class InferenceConfig:
     roi_margin_share: float = 0.5  # ... and this share of the drawn structure's extent
     reach_mm: float = 10.0  # same volume: the least reach beyond the outermost drawn slices
     end_continuity: float = 0.3  # beyond them, a slice with less than this share of its neighbour's area ends it
+    shape_reach_mm: float = 2.0  # same volume: how far the model may move the drawn shape's contour (0: model alone)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrainingConfig:
     supervoxel_min_size: int | str = "auto"  # voxels; "auto": from the voxel size and min_foreground
     gt_rate: float = 0.0
     gradient_checkpointing: bool = False
+    zoom_episodes: bool = True  # crop episodes around the support as grounded inference does (sdfsmis.episodes)
 
 
 @dataclass

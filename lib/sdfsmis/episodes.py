@@ -2,6 +2,13 @@
 share a random 3-D supervoxel, optionally mixed with ground-truth labels, with Setting-2
 exclusion judged on ground truth.
 
+Zoomed episodes (:class:`EpisodeZoom`, the default) are cropped and resampled exactly as grounded
+inference crops a query slice (:mod:`sdfsmis.grounding`): the box around the support's mask with
+the same margins, for support and query alike. The model then learns the task it is served for,
+a structure filling a share of its input whatever its size in millimetres, and small supervoxels
+make episodes as well as large ones. Without a zoom the whole slice is the input (the paper's
+episodes).
+
 Every episode is drawn from a generator seeded with (run seed, iteration), so the data order
 is reproducible and a resumed run continues exactly where it stopped, with no sampler state.
 """
@@ -16,6 +23,7 @@ import numpy as np
 import torch
 
 from .augment import augment
+from .grounding import box_around
 from .supervoxels import load_or_compute_supervoxels
 from .volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity, ras_spacing
 
@@ -43,6 +51,25 @@ def auto_supervoxel_min_size(volume: Volume, resolution: int, min_foreground: in
     return max(1, round(area * thickness / float(np.prod(spacing))))
 
 
+@dataclass(frozen=True)
+class EpisodeZoom:
+    """Crop every episode to the box around its support mask, with grounded inference's margins
+    (``inference.roi_margin_mm`` / ``roi_margin_share``), and resample it to the model's input."""
+
+    margin_mm: float
+    margin_share: float
+    min_voxels: int = 4  # of the target on each of the two slices, at native resolution
+
+    def smallest_supervoxel(self, volume: Volume, resolution: int, min_foreground: int) -> int:
+        """The smallest supervoxel (voxels) worth an episode once zoomed: a cube whose side ``s``
+        fills twice ``min_foreground`` pixels of the input when framed by the margin
+        (``s / (s + 2 margin)`` of the side), at least 5 mm and two slices thick."""
+        share = np.sqrt(min(0.5, 2.0 * min_foreground / resolution**2))
+        side = max(5.0, 2 * self.margin_mm * share / (1 - share))
+        spacing = np.asarray(ras_spacing(volume))
+        return max(1, round(side * side * max(side, 2.0 * spacing[2]) / float(np.prod(spacing))))
+
+
 def _areas(maps: torch.Tensor) -> np.ndarray:
     """[ids + 1, Z] pixel count of every id on every slice of ``maps`` [Z, R, R]."""
     depth = maps.shape[0]
@@ -68,14 +95,18 @@ class Episode:
 
 @dataclass
 class TrainingVolume:
-    """A volume's axial slices at model resolution, with its supervoxels and optional labels."""
+    """A volume's axial slices with its supervoxels and optional labels: at model resolution
+    (whole-slice episodes), or at native resolution with the ``zoom`` that crops each episode."""
 
     name: str
-    images: torch.Tensor  # [Z, 1, R, R] in [-1, 1]
-    supervoxels: torch.Tensor  # [Z, R, R] int32
-    labels: torch.Tensor | None  # [Z, R, R] int32 ground truth, when the volume has one
+    images: torch.Tensor  # [Z, 1, R, R] (zoom: [Z, 1, X, Y]) in [-1, 1]
+    supervoxels: torch.Tensor  # [Z, R, R] (zoom: [Z, X, Y]) int32
+    labels: torch.Tensor | None  # ground truth on the same grid, when the volume has one
     excluded: np.ndarray  # [Z] bool: slices removed for Setting 2
     supervoxel_min_size: int = 0
+    zoom: EpisodeZoom | None = None
+    resolution: int = 0
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @classmethod
     def load(
@@ -86,29 +117,58 @@ class TrainingVolume:
         supervoxel_min_size: int | str = 5000,
         clip_percentiles: tuple[float, float] = (0.5, 99.5),
         min_foreground: int = 200,
+        zoom: EpisodeZoom | None = None,
     ) -> TrainingVolume:
         """``supervoxel_min_size`` "auto" follows the voxel size and the model resolution
-        (:func:`auto_supervoxel_min_size`, from ``min_foreground``)."""
+        (:func:`auto_supervoxel_min_size`, from ``min_foreground``), or with a ``zoom`` the
+        smallest structure a zoomed episode still shows (:meth:`EpisodeZoom.smallest_supervoxel`)."""
         volume = load_volume(image_path)
         if supervoxel_min_size == AUTO:
-            supervoxel_min_size = auto_supervoxel_min_size(volume, resolution, min_foreground)
+            supervoxel_min_size = (
+                zoom.smallest_supervoxel(volume, resolution, min_foreground)
+                if zoom
+                else auto_supervoxel_min_size(volume, resolution, min_foreground)
+            )
         supervoxels = volume.from_original(load_or_compute_supervoxels(image_path, min_size=int(supervoxel_min_size)))
         grid = SliceGrid(*volume.data.shape[:2], resolution)
         every = np.arange(volume.data.shape[2])
         data = normalise_intensity(volume.data, clip_percentiles)
 
         def labelmap(array: np.ndarray) -> torch.Tensor:
+            if zoom:
+                return torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 0))).int()
             return grid.to_model(axial_slices(array.astype(np.float32), every), "nearest", 0.0)[:, 0].int()
 
         labels = labelmap(load_volume(label_path, label=True).data) if label_path else None
+        images = axial_slices(data, every)
         return cls(
             name=image_path.name,
-            images=grid.to_model(axial_slices(data, every)),
+            images=images if zoom else grid.to_model(images),
             supervoxels=labelmap(supervoxels),
             labels=labels,
             excluded=np.zeros(len(every), dtype=bool),
             supervoxel_min_size=int(supervoxel_min_size),
+            zoom=zoom,
+            resolution=resolution,
+            spacing=tuple(float(v) for v in ras_spacing(volume)),
         )
+
+    def pair(self, masks: torch.Tensor, support: int, query: int) -> tuple[torch.Tensor, ...]:
+        """Support image, support mask, query image, query mask [1, 1, R, R] of slices ``support``
+        and ``query`` of ``masks`` [Z, ...] bool; zoomed, both cropped to the box around the
+        support mask and resampled as grounded inference does (masks: the share of a model pixel
+        covered, above one half)."""
+        rows = [support, query]
+        if self.zoom is None:
+            images, chosen = self.images[rows], masks[rows, None].float()
+        else:
+            drawn = masks[support].numpy()[..., None]
+            box = box_around(drawn, self.spacing, self.zoom.margin_mm, self.zoom.margin_share)
+            grid = SliceGrid(box.x1 - box.x0, box.y1 - box.y0, self.resolution)
+            images = grid.to_model(self.images[rows][..., box.x0 : box.x1, box.y0 : box.y1])
+            coverage = grid.to_model(masks[rows, None, box.x0 : box.x1, box.y0 : box.y1].float(), pad_value=0.0)
+            chosen = (coverage > 0.5).float()
+        return images[:1], chosen[:1], images[1:], chosen[1:]
 
     @cached_property
     def supervoxel_areas(self) -> np.ndarray:
@@ -122,7 +182,8 @@ class TrainingVolume:
         """Ids with >= ``min_foreground`` pixels on two adjacent kept slices, and [ids + 1, Z - 1]
         whether each pair (z, z + 1) qualifies."""
         areas = self.label_areas if ground_truth else self.supervoxel_areas
-        usable = (areas >= min_foreground) & ~self.excluded[None]
+        least = self.zoom.min_voxels if self.zoom else min_foreground  # zoomed: checked once cropped
+        usable = (areas >= least) & ~self.excluded[None]
         pairs = usable[:, :-1] & usable[:, 1:]
         pairs[0] = False  # background
         return np.flatnonzero(pairs.any(axis=1)), pairs
@@ -137,6 +198,12 @@ class TrainingVolume:
             return (
                 f"Setting 2 removed {int(self.excluded.sum())} of {len(self.excluded)} slices (those with a test "
                 "class): too few adjacent slices are left"
+            )
+        if self.zoom:
+            return (
+                f"no supervoxel (>= {self.supervoxel_min_size} voxels) has {self.zoom.min_voxels} voxels on each of "
+                "two adjacent slices: the body is thinner than two slices, or training.supervoxel_min_size is too "
+                "large for it"
             )
         largest = int(self.supervoxel_areas[1:].max())
         return (
@@ -186,13 +253,7 @@ class EpisodeSampler:
             masks = (volume.labels if use_gt else volume.supervoxels) == target
             z = int(rng.choice(np.flatnonzero(pairs[target])))
             support, query = (z, z + 1) if rng.random() < 0.5 else (z + 1, z)
-            episode = Episode(
-                volume.images[support : support + 1],
-                masks[support : support + 1, None].float(),
-                volume.images[query : query + 1],
-                masks[query : query + 1, None].float(),
-                "ground_truth" if use_gt else "supervoxel",
-            )
+            episode = Episode(*volume.pair(masks, support, query), "ground_truth" if use_gt else "supervoxel")
             if self.augment_episodes:
                 if rng.random() < 0.5:
                     episode.support_image, episode.support_mask = augment(
@@ -200,8 +261,8 @@ class EpisodeSampler:
                     )
                 else:
                     episode.query_image, episode.query_mask = augment(episode.query_image, episode.query_mask, rng)
-                if min(episode.support_mask.sum(), episode.query_mask.sum()) < self.min_foreground:
-                    continue
+            if min(episode.support_mask.sum(), episode.query_mask.sum()) < self.min_foreground:
+                continue
             return episode
         excluded = sum(int(v.excluded.sum()) for v in self.volumes)
         cause = "the volumes are too small or the supervoxels too fine"

@@ -450,6 +450,7 @@ class VolumeSegmenter:
         last = max(s.place.last for s in sources)
         query_z = np.arange(first, last + 1)
         images, masks, indices, weights, served, query_boxes = [], [], [], [], [], []
+        shape = None  # the drawn shape in the annotated volume itself (grounding.drawn_shape)
         for source in sources:
             data, drawn, place = source.data, source.drawn, source.place
             annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
@@ -460,6 +461,9 @@ class VolumeSegmenter:
                 annotated, self.config.max_volume_supports if same else self.config.max_supports
             )
             serving = serving_supports(place.position(query_z), support_z, self.config.supports_per_query)
+            if same and source.grounded and self.config.shape_reach_mm > 0:
+                spacing = ras_spacing(source.volume.image)
+                shape = grounding.drawn_shape(drawn, support_z, query_z, serving.index, serving.weights, spacing)
             indices.append(serving.index + sum(len(s.support_slices) for s in served))
             weights.append(serving.weights / len(sources))
             served.append(ServedBy(source.volume.name, support_z, place))
@@ -497,15 +501,23 @@ class VolumeSegmenter:
                 array[box.index + (query_z[rows],)] = np.moveaxis(pixels, 0, -1)
             return array
 
+        def fused(slices: torch.Tensor) -> np.ndarray:
+            probability = volume_of(slices)
+            if shape is not None:
+                probability[..., query_z] = grounding.with_drawn_shape(
+                    probability[..., query_z], shape, self.config.shape_reach_mm, self.config.threshold
+                )
+            return probability
+
         report = LabelReport(
             support_slices=[z for s in served for z in s.support_slices],
             query_slices=[int(z) for z in query_z],
             served_by=served,
         )
         if outputs.confidence is None:
-            return volume_of(outputs.probability), None, None, report
+            return fused(outputs.probability), None, None, report
         report.confidence = [round(float(c), 4) for c in outputs.confidence.cpu()]
-        return volume_of(outputs.probability), volume_of(outputs.uncertainty), volume_of(outputs.dissent), report
+        return fused(outputs.probability), volume_of(outputs.uncertainty), volume_of(outputs.dissent), report
 
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import publish, read_state, resume, write_checkpoint
 from .config import SDFSMISConfig, TrainingConfig
-from .episodes import Episode, EpisodeSampler, NoEpisodes, TrainingVolume
+from .episodes import Episode, EpisodeSampler, EpisodeZoom, NoEpisodes, TrainingVolume
 from .figures.board import MONTAGE_EPISODES, TrainingBoard
 from .models import OneShotModel, load_model
 from .volume import VolumeError
@@ -59,6 +59,13 @@ def find_label(image: Path) -> Path | None:
     """A ground-truth label in MONAI Label's layout (``labels/final/NAME``) beside the image."""
     label = image.parent / "labels" / "final" / image.name
     return label if label.is_file() else None
+
+
+def episode_zoom(config: SDFSMISConfig) -> EpisodeZoom | None:
+    """Zoomed episodes with grounded inference's margins, when both are on (``training.zoom_episodes``)."""
+    if not (config.training.zoom_episodes and config.inference.grounding):
+        return None
+    return EpisodeZoom(config.inference.roi_margin_mm, config.inference.roi_margin_share)
 
 
 def dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
@@ -225,6 +232,7 @@ class Trainer:
             self.run.config.training.supervoxel_min_size,
             self.run.config.inference.clip_percentiles,
             self.run.config.training.min_foreground,
+            episode_zoom(self.run.config),
         )
         volume.exclude_classes(self.run.exclude_classes, self.run.exclusion_rule)
         return volume

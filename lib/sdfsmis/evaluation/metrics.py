@@ -19,8 +19,9 @@ _ASSD = SurfaceDistanceMetric(include_background=True, symmetric=True, reduction
 
 
 def score_volume(prediction: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float]:
-    """3-D Dice, HD95 and ASSD (mm) of one binary prediction. A distance is NaN when the
-    prediction is empty (it has no surface)."""
+    """3-D Dice, HD95 and ASSD (mm) of one binary prediction, and its volume over the true one
+    (a method that paints far beyond the structure shows there first). A distance is NaN when the
+    prediction is empty (it has no surface); the ratio is NaN when the truth is."""
     p = torch.from_numpy(np.ascontiguousarray(prediction, dtype=np.float32))[None, None]
     t = torch.from_numpy(np.ascontiguousarray(truth, dtype=np.float32))[None, None]
     spacing = [float(s) for s in spacing]
@@ -28,7 +29,9 @@ def score_volume(prediction: np.ndarray, truth: np.ndarray, spacing: tuple[float
         warnings.simplefilter("ignore")  # "prediction is all 0" -> NaN, recorded as such
         hd95 = float(_HD95(p, t, spacing=spacing)) if prediction.any() else float("nan")
         assd = float(_ASSD(p, t, spacing=spacing)) if prediction.any() else float("nan")
-    return {"dice": float(_DICE(p, t)), "hd95": hd95, "assd": assd}
+    true_voxels = int(np.count_nonzero(truth))
+    ratio = np.count_nonzero(prediction) / true_voxels if true_voxels else float("nan")
+    return {"dice": float(_DICE(p, t)), "hd95": hd95, "assd": assd, "volume_ratio": float(ratio)}
 
 
 def _finite_mean(values: list[float]) -> float | None:
@@ -68,6 +71,10 @@ def uncertainty_correlation(records: list[dict]) -> dict | None:
     return {"classes": classes, "all": _spearman(*pairs[None])}
 
 
+#: The per-volume scores that are averaged per class and over classes.
+SCORES = ("dice", "hd95", "assd", "volume_ratio")
+
+
 def summarise(records: list[dict]) -> dict:
     """``records``: one dict per (method, fold, query volume, class) with ``dice``, ``hd95``,
     ``assd``, ``seconds`` and ``slices``. Returns, per method and class, the mean over folds of
@@ -90,8 +97,8 @@ def summarise(records: list[dict]) -> dict:
         classes = {}
         for organ, folds in organs.items():
             per_fold = {
-                key: [_finite_mean([r[key] for r in rows]) for _, rows in sorted(folds.items())]
-                for key in ("dice", "hd95", "assd")
+                key: [_finite_mean([r.get(key, np.nan) for r in rows]) for _, rows in sorted(folds.items())]
+                for key in SCORES
             }
             classes[organ] = {
                 **{key: _finite_mean([v for v in values if v is not None]) for key, values in per_fold.items()},
@@ -100,10 +107,7 @@ def summarise(records: list[dict]) -> dict:
                 "empty_predictions": sum(not np.isfinite(r["hd95"]) for rows in folds.values() for r in rows),
                 "failed": failed[method][organ],
             }
-        mean = {
-            key: _finite_mean([c[key] for c in classes.values() if c[key] is not None])
-            for key in ("dice", "hd95", "assd")
-        }
+        mean = {key: _finite_mean([c[key] for c in classes.values() if c[key] is not None]) for key in SCORES}
         seconds, slices = timing[method]
         summary[method] = {"classes": classes, "mean": mean, "seconds_per_slice": seconds / max(slices, 1)}
         correlation = uncertainty_correlation([r for r in records if r["method"] == method])

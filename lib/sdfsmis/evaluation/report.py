@@ -12,8 +12,8 @@ from pathlib import Path
 #: Column order of the lineage's tables (ADNet / RPT / SD-FSMIS): kidneys, spleen, liver.
 ORGAN_ORDER = ("left_kidney", "right_kidney", "spleen", "liver")
 CSV_FIELDS = (
-    "method", "fold", "support", "case", "label", "organ", "dice", "hd95", "assd", "slices", "seconds",
-    "seconds_per_slice", "failed",
+    "method", "fold", "support", "case", "label", "organ", "dice", "hd95", "assd", "volume_ratio", "slices",
+    "seconds", "seconds_per_slice", "failed",
 )  # fmt: skip
 
 
@@ -75,9 +75,27 @@ def markdown_table(summary: dict, titles: dict[str, str], heading: str, protocol
         elif protocol == "propagation" and key != FLOOR:
             notes.append(f"{titles[key]}: no per-slice confidence, no rank check.")
     lines += [""] + [f"- {n}" for n in notes] if notes else []
+    lines += ["", *volume_ratio_table(summary, titles, organs)]
     if any(f"vs_{FLOOR}" in r for r in summary.values()):
         lines += ["", *margin_table(summary, titles, organs)]
     return "\n".join(lines) + "\n"
+
+
+def volume_ratio_table(summary: dict, titles: dict[str, str], organs: list[str]) -> list[str]:
+    """Predicted volume over true volume per class (1: the right amount; 40: painted far beyond)."""
+    names = [o.replace("_", " ").capitalize() for o in organs]
+    lines = [
+        "Predicted volume / true volume (mean over query volumes, then folds; 1 is the right amount).",
+        "",
+        "| Method | " + " | ".join(names) + " | Range |",
+        "| --- | " + " | ".join("---:" for _ in range(len(names) + 1)) + " |",
+    ]
+    for key, result in summary.items():
+        ratios = [result["classes"].get(o, {}).get("volume_ratio") for o in organs]
+        known = [r for r in ratios if r is not None]
+        span = f"{min(known):.2f}-{max(known):.2f}" if known else "n/a"
+        lines.append(f"| {titles[key]} | " + " | ".join(_fmt(r) for r in ratios) + f" | {span} |")
+    return lines
 
 
 def margin_table(summary: dict, titles: dict[str, str], organs: list[str]) -> list[str]:

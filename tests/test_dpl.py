@@ -251,6 +251,7 @@ def test_supervoxel_training_beats_untrained_dpl_across_patients(tiny_backbone, 
     from sdfsmis.evaluation.baselines import PrototypeMatcher
 
     config = load_config(backbone=tiny_backbone)
+    config.inference.shape_reach_mm = 0  # the model alone: the carried drawing does not depend on the weights
     untrained = _cross_patient_dice(load_model("dpl", tiny_backbone, config).eval(), config, patients)
     trained_model = load_model("dpl", tiny_backbone, config, trained_dpl[1]).eval()
     trained = _cross_patient_dice(trained_model, config, patients)

@@ -13,7 +13,7 @@ from sdfsmis.config import load_config
 from sdfsmis.grounding import Box, box_around, drawn_shape, where_it_ends, with_drawn_shape
 from sdfsmis.inference import VolumeSegmenter, serving_supports
 from sdfsmis.models import load_model
-from sdfsmis.synthetic import write_nifti
+from sdfsmis.synthetic import make_volume, write_nifti
 from sdfsmis.volume import load_volume
 
 
@@ -182,3 +182,39 @@ def test_a_5mm_structure_in_a_512_slice_is_segmented(tiny_backbone, trained_dpl,
     dice = 2 * both / (found[..., scored].sum() + truth[..., scored].sum())
     assert dice > 0.5, dice
     assert not found[:200].any() and not found[..., :5].any() and not found[..., 20:].any()
+
+
+def _shifted(array: np.ndarray, shift: tuple[int, int, int], fill) -> np.ndarray:
+    """``array`` moved by ``shift`` voxels (positive: towards higher indices), ``fill`` coming in."""
+    out = np.full_like(array, fill)
+    source = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, array.shape))
+    target = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, array.shape))
+    out[target] = array[source]
+    return out
+
+
+def test_another_patients_drawing_is_carried_to_where_the_structure_is(tiny_backbone, trained_dpl, tmp_path):
+    """The query is the support patient moved by (6, -4, 3) voxels inside the same grid: the
+    registration carries the drawn liver there, and the result is the moved liver, on its slices
+    only; without the carried drawing (a plant) the model paints its whole box."""
+    image, label, affine = make_volume(21)
+    label = np.where(label == 1, 1, 0).astype(np.uint8)
+    shift = (6, -4, 3)
+    truth = _shifted(label, shift, 0) == 1
+    paths = {
+        "support": write_nifti(tmp_path / "support.nii.gz", image.astype(np.int16), affine),
+        "drawn": write_nifti(tmp_path / "drawn.nii.gz", label, affine),
+        "query": write_nifti(tmp_path / "query.nii.gz", _shifted(image, shift, -1000).astype(np.int16), affine),
+    }
+    config = load_config(backbone=tiny_backbone)
+    torch.manual_seed(0)
+    model = load_model("dpl", tiny_backbone, config, trained_dpl[0]["checkpoint"]).eval()
+    result = VolumeSegmenter(model, config.inference, progress=False).segment(
+        load_volume(paths["support"]), load_volume(paths["drawn"], label=True), load_volume(paths["query"]), [1]
+    )
+    found = result.labels == 1
+    dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
+    assert dice > 0.8, dice
+    assert 0.8 < found.sum() / truth.sum() < 1.25
+    first, last = np.flatnonzero(truth.any(axis=(0, 1)))[[0, -1]]
+    assert not found[..., : first - 1].any() and not found[..., last + 2 :].any()

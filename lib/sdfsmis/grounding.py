@@ -11,10 +11,11 @@ to the volume's edge; a radiologist's drawing does not.
   neighbour's ends it, and nothing beyond is kept.
 - The drawn shape: in the annotated volume, the drawings themselves say most of what each
   slice looks like. :func:`drawn_shape` interpolates their signed distances between the two drawn
-  slices that decide a slice (Slicer's "fill between slices") and rounds the structure off beyond
-  the outermost ones; :func:`with_drawn_shape` lets the model move that contour by at most a few
-  millimetres where the image says so, as a radiologist corrects an interpolation, and never paint
-  far from it.
+  slices that decide a slice (Slicer's "fill between slices") and closes the structure beyond
+  the outermost ones; in another patient's scan, :func:`carried_shape` is the whole drawing
+  carried through the registration (an atlas). :func:`with_drawn_shape` lets the model move that
+  contour by at most a few millimetres where the image says so, as a radiologist corrects an
+  interpolation, and never paint far from it.
 """
 
 from __future__ import annotations
@@ -164,6 +165,13 @@ def drawn_shape(
             blend = blend - beyond[q] * per_slice
         shape[..., q] = blend
     return shape
+
+
+def carried_shape(carried: np.ndarray, query_z: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The signed distance (mm) [X, Y, Q] of another patient's drawing ``carried`` into the query
+    (:func:`~sdfsmis.placement.carried_drawing`) on each query slice: the atlas's answer, which the
+    model then corrects as it corrects the drawn shape."""
+    return np.stack([signed_distance_mm(carried[..., z], spacing[:2]) for z in query_z], axis=-1)
 
 
 def with_drawn_shape(probability: np.ndarray, shape_mm: np.ndarray, reach_mm: float, threshold: float) -> np.ndarray:

@@ -61,6 +61,10 @@ class LabelReport:
 REVIEW_ID_OFFSET = 100
 #: The largest id OHIF can show: it reads the result as a uint8 labelmap.
 MAX_REVIEW_ID = 255
+#: How far (in query pixels, at least) the model may move another patient's drawing carried by the
+#: registration: a similarity transform only approximates that patient's shape, and a reach under
+#: a pixel would leave the model nothing to decide (a boundary pixel lies a pixel from the contour).
+CARRIED_REACH_PIXELS = 1.5
 
 
 def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
@@ -339,7 +343,8 @@ def _grouped(boxes: list[Box]) -> dict[Box, list[int]]:
 class Source:
     """One support volume's part in one label: its normalised data, the label's drawn voxels, where
     it is placed in the query, whether it is grounded (:mod:`sdfsmis.grounding`) and, from another
-    volume, the box its drawing is carried to in the query."""
+    volume, the box its drawing is carried to in the query and, for a complete drawing, the drawing
+    itself carried there (the atlas shape)."""
 
     volume: SupportVolume
     data: np.ndarray
@@ -347,6 +352,7 @@ class Source:
     place: Placement
     grounded: bool = False
     carried: Box | None = None
+    carried_drawing: np.ndarray | None = None
 
 
 class VolumeSegmenter:
@@ -402,7 +408,13 @@ class VolumeSegmenter:
         carried = grounding.carried_box(registration, drawn, query_data.shape, ras_spacing(query), *self._margins)
         if not cfg.grounding or carried is None:
             return Source(source, data, drawn, place)
-        return Source(source, data, drawn, place, grounded=True, carried=carried)
+        drawing = None
+        complete = len(annotated) >= cfg.min_extent_slices and len(annotated) == annotated[-1] - annotated[0] + 1
+        if complete and cfg.shape_reach_mm > 0:  # every slice of the structure drawn: an atlas of it
+            drawing = placement.carried_drawing(registration, source.image, drawn, query)
+        return Source(
+            source, data, drawn, place, True, carried, drawing if drawing is not None and drawing.any() else None
+        )
 
     @property
     def _margins(self) -> tuple[float, float]:
@@ -440,7 +452,7 @@ class VolumeSegmenter:
         return out.to(self.model.device), grids
 
     def _segment_label(
-        self, sources: list[Source], query_image: np.ndarray
+        self, sources: list[Source], query_image: np.ndarray, query_spacing: tuple[float, float, float]
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, LabelReport]:
         """Probability, uncertainty and dissent maps (None where members cannot disagree) of one
         label from every support volume that has it: each query slice against its serving support
@@ -474,6 +486,11 @@ class VolumeSegmenter:
             mask = (coverage > 0.5).float()
             thin = mask.flatten(1).sum(dim=1) == 0  # a structure thinner than a model pixel: keep any overlap
             masks.append(torch.where(thin[:, None, None, None], (coverage > 0).float(), mask))
+        reach = self.config.shape_reach_mm
+        atlases = [s.carried_drawing for s in sources if s.carried_drawing is not None]
+        if shape is None and atlases:  # no drawing in the query itself: the mean of the carried ones
+            shape = sum(grounding.carried_shape(a, query_z, query_spacing) for a in atlases) / len(atlases)
+            reach = max(reach, CARRIED_REACH_PIXELS * max(query_spacing[:2]))
         index, weight = (torch.from_numpy(np.concatenate(a, axis=1)).to(self.model.device) for a in (indices, weights))
         whole = Box.whole(query_image.shape)
         boxes = [
@@ -505,9 +522,20 @@ class VolumeSegmenter:
             probability = volume_of(slices)
             if shape is not None:
                 probability[..., query_z] = grounding.with_drawn_shape(
-                    probability[..., query_z], shape, self.config.shape_reach_mm, self.config.threshold
+                    probability[..., query_z], shape, reach, self.config.threshold
                 )
             return probability
+
+        contour = None if shape is None else np.abs(shape) <= max(reach, *query_spacing[:2])
+
+        def within_reach(slices: torch.Tensor) -> np.ndarray:
+            """Uncertainty or dissent, kept only along the shape's contour (within the model's reach
+            of it, at least a pixel): elsewhere the shape decides, and the members' doubt there
+            changes nothing."""
+            doubt = volume_of(slices)
+            if contour is not None:
+                doubt[..., query_z] *= contour
+            return doubt
 
         report = LabelReport(
             support_slices=[z for s in served for z in s.support_slices],
@@ -516,8 +544,14 @@ class VolumeSegmenter:
         )
         if outputs.confidence is None:
             return fused(outputs.probability), None, None, report
-        report.confidence = [round(float(c), 4) for c in outputs.confidence.cpu()]
-        return fused(outputs.probability), volume_of(outputs.uncertainty), volume_of(outputs.dissent), report
+        uncertainty = within_reach(outputs.uncertainty)
+        confidence = outputs.confidence.cpu().numpy()
+        if contour is not None:  # as slice_confidence, over the contour the model can still move
+            area = contour.sum(axis=(0, 1))
+            doubt = (uncertainty[..., query_z] * contour).sum(axis=(0, 1)) / np.maximum(area, 1)
+            confidence = np.where(area > 0, 1 - 4 * doubt, 1.0)
+        report.confidence = [round(float(c), 4) for c in confidence]
+        return fused(outputs.probability), uncertainty, within_reach(outputs.dissent), report
 
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
@@ -550,7 +584,9 @@ class VolumeSegmenter:
                 for source, data in zip(supports, normalised)
                 if (source.label.data == label_id).any()
             ]
-            probability, uncertainty, disagreement, report = self._segment_label(sources, query_data)
+            probability, uncertainty, disagreement, report = self._segment_label(
+                sources, query_data, ras_spacing(query)
+            )
             mask = probability >= self.config.threshold
             own = [s.drawn for s in sources if s.volume.is_query(query)]
             if own and self.config.grounding:  # followed outwards only while it stays continuous

@@ -107,16 +107,25 @@ def _ras_affine(volume: Volume) -> np.ndarray:
     return volume.affine @ orientations.inv_ornt_aff(_to_ras(volume.affine), volume.shape)
 
 
-def _sitk_image(volume: Volume, data: np.ndarray) -> sitk.Image:
-    """The working array with its world geometry, block-averaged to about REGISTRATION_SPACING."""
+def _in_world(image: sitk.Image, volume: Volume) -> sitk.Image:
+    """``image`` (of the working array's size) given the volume's world geometry."""
     affine = _ras_affine(volume)
     spacing = np.asarray(ras_spacing(volume))
-    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32))
     image.SetSpacing(spacing.tolist())
     image.SetOrigin(affine[:3, 3].tolist())
     image.SetDirection((affine[:3, :3] / spacing).flatten().tolist())
-    factors = [max(1, int(round(REGISTRATION_SPACING / s))) for s in spacing]
-    return sitk.BinShrink(image, factors)
+    return image
+
+
+def _world_image(volume: Volume, data: np.ndarray) -> sitk.Image:
+    """The working array [X, Y, Z] with its world geometry."""
+    return _in_world(sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32)), volume)
+
+
+def _sitk_image(volume: Volume, data: np.ndarray) -> sitk.Image:
+    """The working array with its world geometry, block-averaged to about REGISTRATION_SPACING."""
+    factors = [max(1, int(round(REGISTRATION_SPACING / s))) for s in ras_spacing(volume)]
+    return sitk.BinShrink(_world_image(volume, data), factors)
 
 
 def _method() -> sitk.ImageRegistrationMethod:
@@ -197,6 +206,15 @@ def register_volumes(support: Volume, support_data: np.ndarray, query: Volume, q
     if not 0.5 <= transform.GetScale() <= 2.0:
         return Registration(None, *affines, f"registration scale {transform.GetScale():.2f} is implausible")
     return Registration(transform, *affines)
+
+
+def carried_drawing(registration: Registration, support: Volume, drawn: np.ndarray, query: Volume) -> np.ndarray:
+    """The support's drawing [X, Y, Z] (bool) carried onto the query's working grid through a
+    trusted ``registration`` (linear resampling, kept above one half)."""
+    moving = _world_image(support, drawn.astype(np.float32))
+    fixed = _in_world(sitk.Image([int(n) for n in query.data.shape], sitk.sitkUInt8), query)  # the grid only
+    carried = sitk.Resample(moving, fixed, registration.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(carried).transpose(2, 1, 0) > 0.5
 
 
 def registered_position(

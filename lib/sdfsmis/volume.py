@@ -318,11 +318,12 @@ def ras_spacing(volume: Volume) -> tuple[float, float, float]:
 
 
 def normalise_intensity(data: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """Robust per-volume min-max to [-1, 1] (SD-FSMIS's loader), in float32."""
-    low, high = np.percentile(data, percentiles)
+    """Robust per-volume min-max to [-1, 1] (SD-FSMIS's loader), in float32. The bounds are taken in
+    float32 first: clipped float32 voxels then never exceed them, so the ends stay within [-1, 1]."""
+    low, high = np.float32(np.percentile(data, percentiles))
     if high <= low:
-        high = low + 1.0
-    return (np.clip(data, low, high) - low) / (high - low) * 2 - 1
+        high = low + np.float32(1.0)
+    return (np.clip(data, low, high).astype(np.float32) - low) / (high - low) * 2 - 1
 
 
 @dataclass(frozen=True)

@@ -67,16 +67,21 @@ def twins(tmp_path_factory):
     )
 
 
-def _segment(backbone, checkpoint, twins, grounding: bool) -> tuple[np.ndarray, list[int]]:
-    image_path, drawn_path, _, _ = twins
+def _dpl_result(backbone, checkpoint, support, drawn, query, grounding: bool = True):
+    """Label 1 of ``query`` segmented by the trained DPL from the ``support`` image and its
+    ``drawn`` label (paths; the query may be the support itself), with the preset's inference."""
     config = load_config(backbone=backbone)
     config.inference.grounding = grounding
     torch.manual_seed(0)
     model = load_model("dpl", backbone, config, checkpoint).eval()
-    image = load_volume(image_path)
-    result = VolumeSegmenter(model, config.inference, progress=False).segment(
-        image, load_volume(drawn_path, label=True), image, [1]
+    return VolumeSegmenter(model, config.inference, progress=False).segment(
+        load_volume(support), load_volume(drawn, label=True), load_volume(query), [1]
     )
+
+
+def _segment(backbone, checkpoint, twins, grounding: bool) -> tuple[np.ndarray, list[int]]:
+    image_path, drawn_path, _, _ = twins
+    result = _dpl_result(backbone, checkpoint, image_path, drawn_path, image_path, grounding)
     return result.labels, result.reports[1].query_slices
 
 
@@ -168,13 +173,7 @@ def small_structure(tmp_path_factory):
 
 def test_a_5mm_structure_in_a_512_slice_is_segmented(tiny_backbone, trained_dpl, small_structure):
     image_path, drawn_path, truth = small_structure
-    config = load_config(backbone=tiny_backbone)
-    torch.manual_seed(0)
-    model = load_model("dpl", tiny_backbone, config, trained_dpl[0]["checkpoint"]).eval()
-    image = load_volume(image_path)
-    result = VolumeSegmenter(model, config.inference, progress=False).segment(
-        image, load_volume(drawn_path, label=True), image, [1]
-    )
+    result = _dpl_result(tiny_backbone, trained_dpl[0]["checkpoint"], image_path, drawn_path, image_path)
     found = result.labels == 1
     scored = np.ones(truth.shape[2], dtype=bool)
     scored[[9, 12, 15]] = False  # the drawn slices come back as drawn; the others are the result
@@ -206,12 +205,7 @@ def test_another_patients_drawing_is_carried_to_where_the_structure_is(tiny_back
         "drawn": write_nifti(tmp_path / "drawn.nii.gz", label, affine),
         "query": write_nifti(tmp_path / "query.nii.gz", _shifted(image, shift, -1000).astype(np.int16), affine),
     }
-    config = load_config(backbone=tiny_backbone)
-    torch.manual_seed(0)
-    model = load_model("dpl", tiny_backbone, config, trained_dpl[0]["checkpoint"]).eval()
-    result = VolumeSegmenter(model, config.inference, progress=False).segment(
-        load_volume(paths["support"]), load_volume(paths["drawn"], label=True), load_volume(paths["query"]), [1]
-    )
+    result = _dpl_result(tiny_backbone, trained_dpl[0]["checkpoint"], paths["support"], paths["drawn"], paths["query"])
     found = result.labels == 1
     dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
     assert dice > 0.8, dice

@@ -473,9 +473,8 @@ class VolumeSegmenter:
                 annotated, self.config.max_volume_supports if same else self.config.max_supports
             )
             serving = serving_supports(place.position(query_z), support_z, self.config.supports_per_query)
-            if same and source.grounded and self.config.shape_reach_mm > 0:
-                spacing = ras_spacing(source.volume.image)
-                shape = grounding.drawn_shape(drawn, support_z, query_z, serving.index, serving.weights, spacing)
+            if same and source.grounded and self.config.shape_reach_mm > 0:  # the query's own grid
+                shape = grounding.drawn_shape(drawn, support_z, query_z, serving.index, serving.weights, query_spacing)
             indices.append(serving.index + sum(len(s.support_slices) for s in served))
             weights.append(serving.weights / len(sources))
             served.append(ServedBy(source.volume.name, support_z, place))
@@ -548,7 +547,7 @@ class VolumeSegmenter:
         confidence = outputs.confidence.cpu().numpy()
         if contour is not None:  # as slice_confidence, over the contour the model can still move
             area = contour.sum(axis=(0, 1))
-            doubt = (uncertainty[..., query_z] * contour).sum(axis=(0, 1)) / np.maximum(area, 1)
+            doubt = uncertainty[..., query_z].sum(axis=(0, 1)) / np.maximum(area, 1)  # zero off the contour
             confidence = np.where(area > 0, 1 - 4 * doubt, 1.0)
         report.confidence = [round(float(c), 4) for c in confidence]
         return fused(outputs.probability), uncertainty, within_reach(outputs.dissent), report

@@ -28,9 +28,9 @@ CHILDREN="${MUTATION_CHILDREN:-1}"
 
 # module -> the file mutated (in the scratch copy's src/) and the tests run against it
 declare -A SOURCE=(
-    [volume]=src/sdfsmis/volume.py
-    [placement]=src/sdfsmis/placement.py
-    [inference]=src/sdfsmis/inference.py
+    [volume]=src/sdfsmis/io/volume.py
+    [placement]=src/sdfsmis/pipeline/placement.py
+    [inference]=src/sdfsmis/pipeline/segmenter.py
     [metrics]=src/sdfsmis/evaluation/metrics.py
     [support]=src/lib/infers/support.py
 )
@@ -56,7 +56,7 @@ stage() {
     mkdir -p "$dir/src" "$dir/mutants/sdfsmis_app"
     cp -r "$ROOT/lib/sdfsmis" "$dir/src/sdfsmis"
     cp -r "$ROOT/sdfsmis_app/lib" "$dir/src/lib"
-    cp -r "$ROOT/tests" "$ROOT/configs" "$dir/"
+    cp -rL "$ROOT/tests" "$ROOT/configs" "$dir/"  # -L: the presets themselves, not the links to them
     cp "$ROOT/sdfsmis_app/main.py" "$dir/mutants/sdfsmis_app/"
     ln -s ../src/lib "$dir/mutants/sdfsmis_app/lib"
     find "$dir" -name __pycache__ -prune -exec rm -rf {} +

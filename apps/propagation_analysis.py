@@ -33,27 +33,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdfsmis.config import load_config
 from sdfsmis.evaluation.dataset import PreparedDataset
 from sdfsmis.evaluation.methods import MethodFactory
 from sdfsmis.evaluation.nearest_slice import NearestSliceCopy
 from sdfsmis.evaluation.protocol import annotated_slices, make_folds, organ_slices
-from sdfsmis.inference import VolumeSegmenter
-from sdfsmis.models import load_model
-from sdfsmis.volume import SliceGrid, axial_slices, load_volume
-
-
-def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    return 2.0 * float((prediction & truth).sum()) / max(int(prediction.sum()) + int(truth.sum()), 1)
+from sdfsmis.io.volume import SliceGrid, axial_slices, load_volume
+from sdfsmis.methods import DPL, METHODS, SDFSMIS, load_model
+from sdfsmis.metrics import dice
+from sdfsmis.pipeline.segmenter import VolumeSegmenter
+from sdfsmis.settings import load_config
 
 
 @torch.no_grad()
 def ceiling(data: Path, backbone: Path, cases: int | None, dpl_grid: int | None = None) -> str:
     dataset = PreparedDataset.load(data)
     config = load_config(None, backbone)
-    codec = load_model("sdfsmis", backbone, config, None).eval().codec
-    dpl = load_model("dpl", backbone, config, None)
-    resolution = config.model.resolution
+    codec = load_model(SDFSMIS.method, backbone, config, None).eval().codec
+    dpl = load_model(DPL.method, backbone, config, None)
+    resolution = config.resolution
     grid_side = dpl_grid or config.dpl.image_size // dpl.dinov2.config.patch_size
     found: dict = defaultdict(lambda: defaultdict(list))
     for case in dataset.cases[:cases]:
@@ -72,7 +69,7 @@ def ceiling(data: Path, backbone: Path, cases: int | None, dpl_grid: int | None 
             maps = {"model grid": at_model, "DPL patch grid": patches, "SD-FSMIS VAE": decoded}
             for name, probability in maps.items():
                 back = grid.from_model(probability.float())[:, 0].numpy() >= 0.5  # [N, X, Y]
-                found[dataset.organ(label_id)][name].append(_dice(np.moveaxis(back, 0, -1), truth))
+                found[dataset.organ(label_id)][name].append(dice(np.moveaxis(back, 0, -1), truth))
     names = ["model grid", "DPL patch grid", "SD-FSMIS VAE"]
     side = f"{resolution} px model grid, {grid_side} x {grid_side} DPL patch grid"
     lines = [
@@ -96,9 +93,9 @@ def distance(paths: list[Path]) -> str:
             if v.get("failed"):
                 continue
             titles[v["method"]] = v["title"]
-            for z, dice in zip(v["slice_z"], v["slice_dice"]):
+            for z, score in zip(v["slice_z"], v["slice_dice"]):
                 gap = min(abs(z - a) for a in v["annotated_slices"])
-                table[v["method"]][min(gap, 4)].append(dice)
+                table[v["method"]][min(gap, 4)].append(score)
         gaps = sorted({g for rows in table.values() for g in rows})
         heads = [f"{g}" if g < 4 else ">= 4" for g in gaps]
         lines += [
@@ -121,7 +118,7 @@ def reach(data: Path, backbone: Path, key: str, checkpoint: str, folds: int, sup
     config = load_config(None, backbone)
     if supports_per_query is not None:
         config.inference.supports_per_query = supports_per_query
-    factory = MethodFactory(backbone, checkpoint, config, dpl_checkpoint=checkpoint)
+    factory = MethodFactory(backbone, dict.fromkeys(METHODS, checkpoint), config)
     found: dict = defaultdict(lambda: defaultdict(list))
     for fold in make_folds(dataset.cases, folds):
         method = factory(key, fold.index)
@@ -142,8 +139,8 @@ def reach(data: Path, backbone: Path, key: str, checkpoint: str, folds: int, sup
                 cut = np.zeros_like(prediction)
                 cut[..., low : high + 1] = prediction[..., low : high + 1]
                 organ = dataset.organ(label_id)
-                found[organ]["as given"].append(_dice(prediction, truth))
-                found[organ]["cut to the copy's reach"].append(_dice(cut, truth))
+                found[organ]["as given"].append(dice(prediction, truth))
+                found[organ]["cut to the copy's reach"].append(dice(cut, truth))
     names = ["as given", "cut to the copy's reach"]
     lines = [
         f"{dataset.name}, {method.title}: propagation 3-D Dice (%) over the non-annotated slices, mean over volumes",
@@ -169,7 +166,7 @@ def main() -> None:
     third = commands.add_parser("reach")
     third.add_argument("--data", type=Path, required=True)
     third.add_argument("--backbone", type=Path, required=True)
-    third.add_argument("--method", default="dpl", help="sdfsmis, dpl or a baseline's key, as in sdfsmis evaluate")
+    third.add_argument("--method", default=DPL.method, help="a method or a baseline's key, as in sdfsmis evaluate")
     third.add_argument("--checkpoint", default=None, help="the method's weights, a pattern with {fold}")
     third.add_argument("--folds", type=int, default=5)
     third.add_argument("--supports-per-query", type=int, default=None)

@@ -1,5 +1,6 @@
-"""MONAI Label app serving one-shot segmentation by two methods through one pipeline: SD-FSMIS
-(infer and train task ``sdfsmis``) and DPL (``dpl``, the one a site without a GPU runs).
+"""MONAI Label app serving one-shot segmentation through one pipeline by every method of the
+registry (``sdfsmis.methods``): SD-FSMIS (infer and train task ``sdfsmis``) and DPL (``dpl``, the one
+a site without a GPU runs). Nothing here is specific to one method.
 
     monailabel start_server --app sdfsmis_app --studies STUDIES --host 127.0.0.1 \
         --conf backbone models/sd15 [--conf device cuda] [--conf checkpoint PATH] [--conf dpl_checkpoint PATH]
@@ -16,21 +17,24 @@ from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
-import lib.auth
 import lib.configs
-import lib.dicomweb
-import lib.endpoints
 import lib.infers
+import lib.server.auth
+import lib.server.dicomweb
+import lib.server.endpoints
 import lib.trainers
-from lib.concurrency import InferenceGate
-from lib.datastore import ValidatingDatastore
 from lib.infers.guard import http_errors
 from lib.infers.support import FINAL, is_review_name, label_names_from_info
-from lib.sessions import SafeSessions
+from lib.server.concurrency import InferenceGate
+from lib.server.datastore import ValidatingDatastore
+from lib.server.sessions import SafeSessions
 from sdfsmis import __version__
-from sdfsmis.volume import VolumeError, load_volume, present_label_ids
+from sdfsmis.io.volume import VolumeError, load_volume, present_label_ids
+from sdfsmis.methods import METHODS
 
 logger = logging.getLogger(__name__)
+#: The app's key in the answer to a saved label (what Slicer and the tests read), not a method's name.
+NOTICE = "sdfsmis"
 
 
 class SDFSMISApp(MONAILabelApp):
@@ -39,9 +43,7 @@ class SDFSMISApp(MONAILabelApp):
         self.gate = InferenceGate(
             self.settings.max_concurrent_infers, self.settings.max_queued_infers, self.settings.infer_queue_timeout_s
         )
-        self.runtimes = {
-            method: lib.configs.ModelRuntime(self.settings, self.gate, method) for method in ("sdfsmis", "dpl")
-        }
+        self.runtimes = {method: lib.configs.ModelRuntime(self.settings, self.gate, method) for method in METHODS}
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -57,7 +59,7 @@ class SDFSMISApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):  # a DICOMweb PACS (OHIF's path)
             self.studies = self.studies.rstrip("/")
-            return lib.dicomweb.connect(self.studies, self.settings.modalities)
+            return lib.server.dicomweb.connect(self.studies, self.settings.modalities)
         return ValidatingDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -73,8 +75,8 @@ class SDFSMISApp(MONAILabelApp):
         super().on_init_complete()
         server = sys.modules.get("monailabel.app")  # loaded when this runs inside the REST server
         if server is not None:
-            lib.endpoints.install(server.app, self.settings.max_upload_mb)
-            lib.auth.install(server.app)
+            lib.server.endpoints.install(server.app, self.settings.max_upload_mb)
+            lib.server.auth.install(server.app)
 
     def info(self):
         info = super().info()
@@ -91,7 +93,7 @@ class SDFSMISApp(MONAILabelApp):
         # MONAI Label replaces the image id by a local path: keep the id (a support is looked up by it)
         if isinstance(request.get("image"), str) and not os.path.exists(request["image"]):
             request = {**request, "image_id": request["image"]}
-        with http_errors(), self.gate.admit(), torch.no_grad():
+        with http_errors(request.get("model")), self.gate.admit(), torch.no_grad():
             return super().infer(request, datastore)
 
     def init_infers(self) -> dict:
@@ -111,20 +113,20 @@ class SDFSMISApp(MONAILabelApp):
         try:
             label = load_volume(datastore.get_label_uri(label_id, FINAL), label=True)
         except (VolumeError, FileNotFoundError) as error:
-            return {"sdfsmis": {"support_available": False, "message": f"label cannot serve as a support: {error}"}}
+            return {NOTICE: {"support_available": False, "message": f"label cannot serve as a support: {error}"}}
         ids = present_label_ids(label.data)  # slice by slice: a list of every voxel would take GiBs
         info = datastore.get_label_info(label_id, FINAL) or {}
         names = label_names_from_info(info.get("label_info"))
         listed = [name for name in (names.get(k, f"label_{k}") for k in ids) if not is_review_name(name)]
         if not listed:
             return {
-                "sdfsmis": {
+                NOTICE: {
                     "support_available": False,
                     "message": "the submitted label holds no structure (empty, or review segments only)",
                 }
             }
         return {
-            "sdfsmis": {
+            NOTICE: {
                 "support_available": True,
                 "labels": listed,
                 "message": f"label of '{image_id}' is now available as a support for: {', '.join(listed)}",

@@ -45,31 +45,31 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
-    from sdfsmis.backbone import make_tiny_backbone
+    from sdfsmis.samples.tiny_backbone import make_tiny_backbone
 
     return make_tiny_backbone(tmp_path_factory.mktemp("backbone") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_backbone):
-    from sdfsmis.config import load_config
+    from sdfsmis.settings import load_config
 
     return load_config(backbone=tiny_backbone)
 
 
 @pytest.fixture()
 def tiny_model(tiny_backbone, tiny_config):
-    from sdfsmis.models.sdfsmis import SDFSMIS
+    from sdfsmis.methods.sdfsmis.model import SDFSMIS
 
     torch.manual_seed(0)
-    return SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).eval()
+    return SDFSMIS.from_backbone(tiny_backbone, tiny_config).eval()
 
 
 @pytest.fixture(scope="session")
 def fitted_backbone(tmp_path_factory) -> Path:
     """A tiny backbone whose VAE is fitted as an autoencoder, as the real SD VAE is pretrained."""
-    from sdfsmis.backbone import make_tiny_backbone
-    from sdfsmis.tiny_vae import fit_tiny_vae
+    from sdfsmis.samples.tiny_backbone import make_tiny_backbone
+    from sdfsmis.samples.tiny_vae import fit_tiny_vae
 
     def build(folder: Path) -> None:
         fit_tiny_vae(make_tiny_backbone(folder / "tiny"), steps=200)
@@ -79,9 +79,9 @@ def fitted_backbone(tmp_path_factory) -> Path:
 
 def _self_supervised(backbone: Path, root: Path, method: str) -> dict:
     """250 iterations on 4 generated volumes, supervoxel pseudo-labels only (no label seen)."""
-    from sdfsmis.config import load_config
-    from sdfsmis.synthetic import make_studies
-    from sdfsmis.trainer import TrainingRun, train
+    from sdfsmis.samples.synthetic import make_studies
+    from sdfsmis.settings import load_config
+    from sdfsmis.training.trainer import TrainingRun, train
 
     images = make_studies(root / "studies", 4, seed=10)
     config = load_config(backbone=backbone)

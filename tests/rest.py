@@ -12,10 +12,10 @@ import numpy as np
 import requests
 import torch
 
-from sdfsmis.config import load_config
-from sdfsmis.models.sdfsmis import SDFSMIS
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.weights import save_weights
+from sdfsmis.io.weights import save_weights
+from sdfsmis.methods.sdfsmis.model import SDFSMIS
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.settings import load_config
 
 TIMEOUT = 120
 
@@ -68,7 +68,7 @@ def random_head_checkpoint(backbone: Path, path: Path, seed: int = 0) -> Path:
     """A checkpoint that fits ``backbone`` (a random head: for tests of serving, not of results);
     another ``seed`` gives other weights of the same shapes."""
     torch.manual_seed(seed)
-    model = SDFSMIS.from_backbone(backbone, load_config(backbone=backbone).model)
+    model = SDFSMIS.from_backbone(backbone, load_config(backbone=backbone))
     return save_weights(model, path)
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdfsmis.config import load_config
-from sdfsmis.inference import VolumeSegmenter, review_ids, serving_supports
-from sdfsmis.models import load_model
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.volume import load_volume
+from sdfsmis.io.volume import load_volume
+from sdfsmis.methods import load_model
+from sdfsmis.pipeline.segmenter import VolumeSegmenter, review_ids, serving_supports
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.settings import load_config
 
 LIVER = 1
 

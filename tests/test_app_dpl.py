@@ -15,9 +15,9 @@ from monailabel.client.client import MONAILabelClient, MONAILabelClientException
 
 from app_server import monailabel_server
 from sdfsmis.cli import main as cli_main
-from sdfsmis.config import load_config
-from sdfsmis.synthetic import make_studies, make_volume, write_nifti
-from sdfsmis.trainer import TrainingRun, train
+from sdfsmis.samples.synthetic import make_studies, make_volume, write_nifti
+from sdfsmis.settings import load_config
+from sdfsmis.training.trainer import TrainingRun, train
 
 LABEL_INFO = [{"name": "liver", "idx": 1}, {"name": "left kidney", "idx": 3}]
 

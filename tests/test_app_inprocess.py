@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app_server import APP
-from sdfsmis.synthetic import make_studies, make_volume, write_nifti
+from sdfsmis.samples.synthetic import make_studies, make_volume, write_nifti
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ import pytest
 from monailabel.client.client import MONAILabelClient, MONAILabelClientException
 
 from app_server import monailabel_server
-from sdfsmis.synthetic import make_studies, make_volume, write_nifti
+from sdfsmis.samples.synthetic import make_studies, make_volume, write_nifti
 
 LABEL_INFO = [{"name": "liver", "idx": 1}, {"name": "left kidney", "idx": 3}]
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from app_server import monailabel_server
 from rest import nifti, organ_label, random_head_checkpoint
-from sdfsmis.synthetic import make_studies
-from sdfsmis.weights import WEIGHTS_NAME
+from sdfsmis.io.weights import WEIGHTS_NAME
+from sdfsmis.samples.synthetic import make_studies
 
 SHAPE = (48, 48, 16)
 USER, ANNOTATOR = "monailabel-user", "monailabel-annotator"  # MONAI Label's default role names

@@ -16,8 +16,8 @@ import requests
 
 from app_server import monailabel_server
 from rest import infer, nifti, organ_label, put_label, random_head_checkpoint, stored
-from sdfsmis.synthetic import make_studies, make_volume, write_nifti
-from sdfsmis.weights import WEIGHTS_NAME
+from sdfsmis.io.weights import WEIGHTS_NAME
+from sdfsmis.samples.synthetic import make_studies, make_volume, write_nifti
 
 SHAPE = (48, 48, 16)
 SLOW_SHAPE = (96, 96, 240)  # a long volume: 2 labels x 240 slices x 2 supports keep the tiny model busy

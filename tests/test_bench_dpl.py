@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from sdfsmis.backbone import build_backbone
-from sdfsmis.bench import make_inputs
+from sdfsmis.bench.common import make_inputs
 from sdfsmis.cli import main
-from sdfsmis.config import load_config
-from sdfsmis.models import DPL
+from sdfsmis.methods import DPL
+from sdfsmis.samples.tiny_backbone import build_backbone
+from sdfsmis.settings import load_config
 
 SLICES, SUPPORTS = 4, 2
 

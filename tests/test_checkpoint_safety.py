@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from sdfsmis.checkpoints import publish, resume, write_checkpoint
-from sdfsmis.config import SDFSMISConfig, load_config
-from sdfsmis.models import OneShotModel, load_model
-from sdfsmis.trainer import make_optimizer
-from sdfsmis.weights import WEIGHTS_NAME, load_weights, trainable_state_dict
+from sdfsmis.io.weights import WEIGHTS_NAME, load_weights, trainable_state_dict
+from sdfsmis.methods import OneShotModel, load_model
+from sdfsmis.settings import Settings, load_config
+from sdfsmis.training.checkpoints import publish, resume, write_checkpoint
+from sdfsmis.training.trainer import make_optimizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 #: Moments in the second checkpoint's write, as shares of the bytes the writer writes for it and
@@ -35,7 +35,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STOP_AT = (0.1, 0.3, 0.45, 0.6, 0.7)
 
 
-def _config(backbone: Path) -> SDFSMISConfig:
+def _config(backbone: Path) -> Settings:
     """The tiny preset with a wide VTCT MLP, so that one checkpoint takes long enough to write."""
     config = load_config(backbone=backbone)
     config.model.vtct_hidden_dim = 1024

@@ -27,17 +27,17 @@ from pynetdicom.sop_class import CTImageStorage
 
 from app_server import free_port
 from sdfsmis.cli import main
-from sdfsmis.config import load_config
-from sdfsmis.dicom_series import nifti_to_series
+from sdfsmis.dicom.orthanc import OrthancServer, OrthancUnavailable
+from sdfsmis.dicom.series import nifti_to_series
 from sdfsmis.evaluation.dataset import MANIFEST, PreparedDataset
 from sdfsmis.evaluation.lookalike import write_chaos
 from sdfsmis.evaluation.prepare import prepare
-from sdfsmis.models import load_model
-from sdfsmis.orthanc import OrthancServer, OrthancUnavailable
-from sdfsmis.supervoxels import supervoxel_cache_path
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.trainer import Trainer, TrainingRun
-from sdfsmis.weights import save_weights
+from sdfsmis.io.weights import save_weights
+from sdfsmis.methods import load_model
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.settings import load_config
+from sdfsmis.training.supervoxels import supervoxel_cache_path
+from sdfsmis.training.trainer import Trainer, TrainingRun
 
 # --- training.gt_rate: episodes on ground truth -------------------------------------------------
 

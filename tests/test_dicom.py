@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sdfsmis.dicom_seg import labelmap_to_seg, seg_to_labelmap
-from sdfsmis.dicom_series import nifti_to_series, write_series
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.volume import VolumeError, load_volume
+from sdfsmis.dicom.seg import labelmap_to_seg, seg_to_labelmap
+from sdfsmis.dicom.series import nifti_to_series, write_series
+from sdfsmis.io.volume import VolumeError, load_volume
+from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 LABEL_INFO = [
     {"idx": 1, "name": "liver", "color": [221, 130, 101]},

@@ -14,10 +14,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from sdfsmis.config import load_config
-from sdfsmis.synthetic import make_studies
-from sdfsmis.trainer import Trainer, TrainingRun, step_generator
-from sdfsmis.weights import save_weights, trainable_state_dict
+from sdfsmis.io.weights import save_weights, trainable_state_dict
+from sdfsmis.samples.synthetic import make_studies
+from sdfsmis.settings import load_config
+from sdfsmis.training.trainer import Trainer, TrainingRun, step_generator
 
 ITERATIONS = 3
 WORLD = 2

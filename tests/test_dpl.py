@@ -1,4 +1,4 @@
-"""DPL, the prototype method beside SD-FSMIS: the properties ../shared/docs/dpl.md fixes (lambda 0
+"""DPL, the prototype method beside SD-FSMIS: the properties docs/dpl.md fixes (lambda 0
 is the plain head, t* = 0 gives the prototype, the fusion stays within delta, seeds make it
 reproducible, K = 1 has no uncertainty), its weights, its loading of DINOv2 alone, the CLI, and a
 learning test on generated patients."""
@@ -15,18 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdfsmis.backbone import BackboneNotFoundError
 from sdfsmis.cli import main
-from sdfsmis.config import load_config
-from sdfsmis.inference import VolumeSegmenter
-from sdfsmis.models import DPL, load_model
-from sdfsmis.models.dinov2 import masked_average
-from sdfsmis.models.dpl import prototype_probability
-from sdfsmis.models.prototype_diffusion import conservative_fusion
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.trainer import TrainingRun, train
-from sdfsmis.volume import load_volume
-from sdfsmis.weights import CheckpointError, save_weights
+from sdfsmis.io.backbone import BackboneNotFoundError
+from sdfsmis.io.volume import load_volume
+from sdfsmis.io.weights import CheckpointError, save_weights
+from sdfsmis.methods import DPL, load_model
+from sdfsmis.methods.dinov2 import masked_average
+from sdfsmis.methods.dpl.model import prototype_probability
+from sdfsmis.methods.dpl.prototype_diffusion import conservative_fusion
+from sdfsmis.pipeline.segmenter import VolumeSegmenter
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.settings import load_config
+from sdfsmis.training.trainer import TrainingRun, train
 
 ORGANS = (1, 2, 3, 4)
 

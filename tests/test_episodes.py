@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdfsmis.augment import augment
-from sdfsmis.episodes import EpisodeSampler, EpisodeZoom, TrainingVolume
-from sdfsmis.synthetic import make_studies
+from sdfsmis.samples.synthetic import make_studies
+from sdfsmis.training.augment import augment
+from sdfsmis.training.episodes import EpisodeSampler, EpisodeZoom, TrainingVolume
 
 
 @pytest.fixture(scope="module")

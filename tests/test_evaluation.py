@@ -16,17 +16,20 @@ import torch
 
 from sdfsmis.cli import main
 from sdfsmis.config import InferenceConfig
-from sdfsmis.episodes import TrainingVolume
 from sdfsmis.evaluation.dataset import PreparedDataset
 from sdfsmis.evaluation.harness import Evaluator, slice_dice
 from sdfsmis.evaluation.lookalike import write_chaos
-from sdfsmis.evaluation.methods import DPL_VARIANTS, METHODS, Method, MethodFactory
+from sdfsmis.evaluation.methods import METHODS, MODEL_KEYS, Method, MethodFactory
 from sdfsmis.evaluation.metrics import score_volume, summarise, uncertainty_correlation
 from sdfsmis.evaluation.prepare import prepare
 from sdfsmis.evaluation.protocol import chunk_index, make_folds, support_slices, training_selection
-from sdfsmis.inference import VolumeSegmenter
-from sdfsmis.models.base import Prediction
-from sdfsmis.volume import load_volume
+from sdfsmis.io.volume import load_volume
+from sdfsmis.methods import DPL
+from sdfsmis.methods.base import Prediction
+from sdfsmis.pipeline.segmenter import VolumeSegmenter
+from sdfsmis.training.episodes import TrainingVolume
+
+DPL_VARIANTS = {DPL.method: DPL.title, **DPL.ablations}  # DPL and its ablations: the harness's rows
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +265,7 @@ def test_a_method_failing_on_one_volume_is_recorded_and_the_run_goes_on(chaos, t
 def dpl_weights(chaos, tiny_backbone, tiny_config, tmp_path_factory):
     """A folder with dpl.safetensors: DPL trained for a few dozen iterations on the prepared
     look-alike volumes (supervoxels only, as the fold models are)."""
-    from sdfsmis.trainer import TrainingRun, train
+    from sdfsmis.training.trainer import TrainingRun, train
 
     config = copy.deepcopy(tiny_config)
     config.training.supervoxel_min_size = 2000  # the prepared set's supervoxels
@@ -313,7 +316,7 @@ def test_slice_dice_and_spearman_leave_out_slices_where_both_are_empty():
 
 
 def test_dpl_ablations_change_only_what_they_name(tiny_backbone, tiny_config, dpl_weights, tmp_path):
-    factory = MethodFactory(tiny_backbone, None, tiny_config, dpl_checkpoint=str(dpl_weights))
+    factory = MethodFactory(tiny_backbone, {"dpl": str(dpl_weights)}, tiny_config)
     models = {key: factory(key, 0).model for key in DPL_VARIANTS}
     full = models["dpl"]
     assert full.config.fusion_lambda == tiny_config.dpl.fusion_lambda > 0 and full.config.use_condition
@@ -326,11 +329,11 @@ def test_dpl_ablations_change_only_what_they_name(tiny_backbone, tiny_config, dp
     assert factory("dpl", 0) is factory("dpl", 0)  # not reloaded for the same method and checkpoint
     assert factory("dpl-lambda0", 0).model is not full and full.config.fusion_lambda > 0  # a changed copy
     # --checkpoint naming a folder: each method takes its own weights file from it
-    folder = MethodFactory(tiny_backbone, str(tmp_path / "{fold}"), tiny_config)
+    folder = MethodFactory(tiny_backbone, {"sdfsmis": str(tmp_path / "{fold}")}, tiny_config)
     (tmp_path / "0").symlink_to(dpl_weights, target_is_directory=True)
-    assert folder._checkpoint("dpl-no-condition", 0, "dpl.safetensors") == tmp_path / "0" / "dpl.safetensors"
-    assert folder._checkpoint("sdfsmis", 0, "sdfsmis.safetensors") == tmp_path / "0" / "sdfsmis.safetensors"
-    assert folder._checkpoint("dpl", 1, "dpl.safetensors") is None  # no folder for fold 1: untrained
+    assert folder._checkpoint(MODEL_KEYS["dpl-no-condition"][0], 0) == tmp_path / "0" / "dpl.safetensors"
+    assert folder._checkpoint("sdfsmis", 0) == tmp_path / "0" / "sdfsmis.safetensors"
+    assert folder._checkpoint("dpl", 1) is None  # no folder for fold 1: untrained
 
 
 def test_evaluate_dpl_rows_ablations_and_uncertainty(chaos, tiny_backbone, dpl_weights, tmp_path):
@@ -398,7 +401,7 @@ def test_each_slice_confidence_and_dice_is_paired_with_its_own_slice(
     # the records' per-slice scores against a segmentation run here directly with the same model
     # (DPL with weights: deterministic), slice by slice: a confidence or a Dice that moved to
     # another slice of the record fails, whatever it does to the Spearman rho
-    factory = MethodFactory(tiny_backbone, None, tiny_config, dpl_checkpoint=str(dpl_weights))
+    factory = MethodFactory(tiny_backbone, {"dpl": str(dpl_weights)}, tiny_config)
     evaluator = Evaluator(chaos, tiny_config.inference, protocol)
     records, _ = evaluator.run(["dpl"], factory, 2, labels=[1, 2], log=lambda _: None)
     assert records and not any(r.get("failed") for r in records)
@@ -500,7 +503,7 @@ def thin_chaos(tmp_path_factory) -> PreparedDataset:
 def test_propagation_protocol_end_to_end_against_nearest_slice_copy(thin_chaos, tiny_backbone, tmp_path):
     from scipy.stats import spearmanr
 
-    from sdfsmis.volume import ras_spacing
+    from sdfsmis.io.volume import ras_spacing
 
     first = load_volume(thin_chaos.image("chaos_01"))
     assert first.data.shape[2] == 20 and ras_spacing(first)[2] == pytest.approx(4.0)
@@ -569,4 +572,4 @@ def test_nearest_slice_copy_is_refused_outside_propagation(thin_chaos, tmp_path)
     assert not (tmp_path / "x").exists()  # refused before any work
     evaluator = Evaluator(thin_chaos, InferenceConfig(), "realistic")
     with pytest.raises(ValueError, match="runs only under --protocol propagation"):
-        evaluator.run(["nearest-slice"], MethodFactory(None, None, None), 1, log=lambda _: None)
+        evaluator.run(["nearest-slice"], MethodFactory(None, {}, None), 1, log=lambda _: None)

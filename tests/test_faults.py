@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from app_server import monailabel_server
 from rest import copy_backbone, infer, nifti, organ_label, put_label, random_head_checkpoint
-from sdfsmis.config import load_config
-from sdfsmis.models.sdfsmis import SDFSMIS
-from sdfsmis.synthetic import make_studies
-from sdfsmis.weights import WEIGHTS_NAME, load_weights
+from sdfsmis.io.weights import WEIGHTS_NAME, load_weights
+from sdfsmis.methods.sdfsmis.model import SDFSMIS
+from sdfsmis.samples.synthetic import make_studies
+from sdfsmis.settings import load_config
 
 SHAPE = (48, 48, 16)
 DINOV2 = Path("dinov2") / "model.safetensors"
@@ -111,7 +111,7 @@ def test_killed_training_keeps_the_served_checkpoint_is_reported_and_resumes(ser
     assert stats["status"] == "FAILED" and "ended unexpectedly" in stats["error"], stats
     assert _digest(served) == before  # the served checkpoint is untouched...
     assert infer(url, "case_001", {"support": "case_000"}).status_code == 200  # ...and serves
-    model = SDFSMIS.from_backbone(tiny_backbone, load_config(backbone=tiny_backbone).model)
+    model = SDFSMIS.from_backbone(tiny_backbone, load_config(backbone=tiny_backbone))
     killed_at = load_weights(model, root / "model" / "train" / "last" / WEIGHTS_NAME)["iteration"]
     assert 5 <= killed_at <= stats["iteration"]  # the last complete checkpoint loads, whatever moment the kill hit
 

@@ -23,7 +23,7 @@ from sdfsmis.figures.boxplot import BOXPLOT_PX
 from sdfsmis.figures.curves import CURVES_PX
 from sdfsmis.figures.display import PREDICTION, REFERENCE
 from sdfsmis.figures.montage import HEADER_PX, TILE_PX, TITLE_PX, Tile, render_montage, tile_box
-from sdfsmis.synthetic import make_studies
+from sdfsmis.samples.synthetic import make_studies
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
@@ -189,8 +189,8 @@ def test_app_train_task_names_its_last_validation_montage_in_train_stats(tiny_ba
     from app_server import APP
 
     monkeypatch.syspath_prepend(str(APP))  # the app's own `lib`, as MONAI Label loads it
-    from lib.concurrency import InferenceGate
     from lib.configs import AppSettings, ModelRuntime
+    from lib.server.concurrency import InferenceGate
     from lib.trainers import OneShotTrain
 
     make_studies(tmp_path / "studies", 3, shape=(64, 64, 20))

@@ -242,10 +242,10 @@ def test_server_result_is_the_truth_on_drawn_slices_and_equals_the_cli(
 def test_harness_prediction_is_the_truth_on_drawn_slices_and_equals_the_cli(
     phantoms, cli_reference, tiny_backbone, dpl_checkpoint, tmp_path
 ):
-    from sdfsmis.config import load_config
     from sdfsmis.evaluation.dataset import PreparedDataset
     from sdfsmis.evaluation.harness import Evaluator
     from sdfsmis.evaluation.methods import MethodFactory
+    from sdfsmis.settings import load_config
 
     root = tmp_path / "prepared"
     (root / "labels" / "final").mkdir(parents=True)
@@ -265,7 +265,7 @@ def test_harness_prediction_is_the_truth_on_drawn_slices_and_equals_the_cli(
         predictions[(record["method"], record["case"])] = query.image.to_original(prediction).astype(np.int32)
 
     evaluator = Evaluator(dataset, config.inference, "propagation", on_prediction=keep)
-    factory = MethodFactory(tiny_backbone, None, config, dpl_checkpoint=str(dpl_checkpoint))
+    factory = MethodFactory(tiny_backbone, {"dpl": str(dpl_checkpoint)}, config)
     torch.manual_seed(0)
     records, _ = evaluator.run(["nearest-slice", "dpl"], factory, 1, log=lambda _: None)
     assert len(records) == 2 * len(ORIENTATIONS) and not any(r.get("failed") for r in records)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from sdfsmis.config import load_config
-from sdfsmis.grounding import Box, box_around, drawn_shape, where_it_ends, with_drawn_shape
-from sdfsmis.inference import VolumeSegmenter, serving_supports
-from sdfsmis.models import load_model
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.volume import load_volume
+from sdfsmis.io.volume import load_volume
+from sdfsmis.methods import load_model
+from sdfsmis.pipeline.grounding import Box, box_around, drawn_shape, where_it_ends, with_drawn_shape
+from sdfsmis.pipeline.segmenter import VolumeSegmenter, serving_supports
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.settings import load_config
 
 
 def test_box_around_takes_the_larger_margin_and_stays_inside():

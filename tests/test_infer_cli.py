@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from sdfsmis.cli import main
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.volume import VolumeError, check_same_geometry, load_volume
+from sdfsmis.io.volume import VolumeError, check_same_geometry, load_volume
+from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 
 def _sdfsmis(*args: str) -> subprocess.CompletedProcess:

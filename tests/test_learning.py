@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sdfsmis.config import load_config
-from sdfsmis.episodes import TrainingVolume
-from sdfsmis.models.sdfsmis import SDFSMIS
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.trainer import dice, episode_zoom
+from sdfsmis.methods.sdfsmis.model import SDFSMIS
+from sdfsmis.metrics import dice
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.settings import load_config
+from sdfsmis.training.episodes import TrainingVolume
+from sdfsmis.training.trainer import episode_zoom
 
 LIVER = 1
 
@@ -21,7 +22,7 @@ def _one_shot_dice(backbone, checkpoint, volume: TrainingVolume, organ: int) -> 
     framed as training and grounded inference frame them (the volume's episode zoom)."""
     config = load_config(backbone=backbone)
     torch.manual_seed(0)  # the untrained head's random part: the same whatever ran before in this process
-    model = SDFSMIS.from_backbone(backbone, config.model, checkpoint).eval()
+    model = SDFSMIS.from_backbone(backbone, config, checkpoint).eval()
     masks = volume.labels == organ
     pairs = [z for z in range(len(masks) - 1) if masks[z].sum() >= 20 and masks[z + 1].sum() >= 20]
     scores = []

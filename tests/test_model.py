@@ -8,12 +8,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from sdfsmis.attention import SQILayout, install_sqi
-from sdfsmis.backbone import BackboneNotFoundError, resolve_backbone
 from sdfsmis.config import TrainingConfig
-from sdfsmis.models.sdfsmis import SDFSMIS, widen_conv
-from sdfsmis.reference import install_kv_bank, set_bank_mode
-from sdfsmis.weights import CheckpointError, load_weights, save_weights
+from sdfsmis.io.backbone import BackboneNotFoundError, resolve_backbone
+from sdfsmis.io.weights import CheckpointError, load_weights, save_weights
+from sdfsmis.methods.sdfsmis.attention import SQILayout, install_sqi
+from sdfsmis.methods.sdfsmis.model import SDFSMIS, widen_conv
+from sdfsmis.methods.sdfsmis.reference import install_kv_bank, set_bank_mode
 
 
 def _episode(resolution: int, supports: int = 1, queries: int = 3, seed: int = 0):
@@ -122,7 +122,7 @@ def test_save_load_reproduces_prediction_bit_for_bit(tiny_backbone, tiny_config,
     image, mask, query = _episode(tiny_config.model.resolution)
     before = tiny_model.segment(tiny_model.encode_support(image, mask), query)
     path = save_weights(tiny_model, tmp_path / "ckpt", metadata={"iteration": 7})
-    fresh = SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).eval()
+    fresh = SDFSMIS.from_backbone(tiny_backbone, tiny_config).eval()
     assert not torch.equal(fresh.segment(fresh.encode_support(image, mask), query), before)
     assert load_weights(fresh, path)["iteration"] == 7
     assert torch.equal(fresh.segment(fresh.encode_support(image, mask), query), before)
@@ -181,7 +181,7 @@ def test_default_hub_backbone_offline_gives_clear_error(monkeypatch, tiny_config
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     with pytest.raises(BackboneNotFoundError, match="sdfsmis download"):
-        SDFSMIS.from_backbone("default", tiny_config.model)
+        SDFSMIS.from_backbone("default", tiny_config)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, tiny_config):

@@ -21,10 +21,22 @@ import SimpleITK as sitk
 import torch
 
 from app_server import APP
-from sdfsmis import placement
-from sdfsmis.config import InferenceConfig, load_config
+from sdfsmis.config import InferenceConfig
 from sdfsmis.evaluation.metrics import margins_over, score_volume, summarise, uncertainty_correlation
-from sdfsmis.inference import (
+from sdfsmis.io.volume import (
+    SliceGrid,
+    VolumeError,
+    check_same_geometry,
+    load_volume,
+    normalise_intensity,
+    present_label_ids,
+    read_geometry,
+)
+from sdfsmis.methods import load_model
+from sdfsmis.methods.base import Prediction
+from sdfsmis.pipeline import placement
+from sdfsmis.pipeline.placement import Placement, Registration, registered_position, relative_position
+from sdfsmis.pipeline.segmenter import (
     LabelReport,
     SegmentationResult,
     ServedBy,
@@ -41,19 +53,8 @@ from sdfsmis.inference import (
     serving_supports,
     slice_confidence,
 )
-from sdfsmis.models import load_model
-from sdfsmis.models.base import Prediction
-from sdfsmis.placement import Placement, Registration, registered_position, relative_position
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.volume import (
-    SliceGrid,
-    VolumeError,
-    check_same_geometry,
-    load_volume,
-    normalise_intensity,
-    present_label_ids,
-    read_geometry,
-)
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.settings import load_config
 
 
 def _nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -848,7 +849,7 @@ def test_label_names_colours_and_support_ids_from_what_clients_send(support_modu
     # its own colour, else the anatomy colour of its name (any case), else the palette's
     assert s.label_colour({"idx": 1, "name": "x", "color": (1, 2, 3, 4)}) == [1, 2, 3]
     assert s.label_colour({"idx": 9, "name": "Spleen"}) == [157, 108, 162]  # monailabel's anatomy table
-    from sdfsmis.dicom_seg import palette_colour
+    from sdfsmis.dicom.seg import palette_colour
 
     assert s.label_colour({"idx": 3, "name": "tumour 3"}) == list(palette_colour(3))
     assert s.support_ids(" a , ,b ") == ["a", "b"] and s.support_ids(["a", " b "]) == ["a", "b"]

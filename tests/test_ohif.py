@@ -20,10 +20,10 @@ from monailabel.client.client import MONAILabelClient
 from pydicom.dataset import Dataset
 
 from app_server import free_port, monailabel_server
-from sdfsmis.dicom_seg import labelmap_to_seg, segments_of
-from sdfsmis.dicom_series import nifti_to_series
-from sdfsmis.orthanc import OrthancServer, OrthancUnavailable, store_instances
-from sdfsmis.synthetic import make_volume, write_nifti
+from sdfsmis.dicom.orthanc import OrthancServer, OrthancUnavailable, store_instances
+from sdfsmis.dicom.seg import labelmap_to_seg, segments_of
+from sdfsmis.dicom.series import nifti_to_series
+from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 ARTIFACTS = Path(os.environ.get("SDFSMIS_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 SUPPORT_INFO = [

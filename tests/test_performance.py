@@ -15,12 +15,13 @@ import time
 import pytest
 import torch
 
-from sdfsmis.acceleration import InferenceOptions, accelerate
-from sdfsmis.bench import FENCE, agreement, make_inputs, our_inference, reference_inference, reference_subset
-from sdfsmis.inference import segment_slices
-from sdfsmis.models.sdfsmis import SDFSMIS
-from sdfsmis.reference import kv_bank, released_training_step
-from sdfsmis.trainer import EpisodeLoss, make_optimizer, step_generator, train_step
+from sdfsmis.bench.common import FENCE, agreement, make_inputs, our_inference
+from sdfsmis.bench.released import reference_inference, reference_subset
+from sdfsmis.methods.sdfsmis.model import SDFSMIS
+from sdfsmis.methods.sdfsmis.reference import kv_bank, released_training_step
+from sdfsmis.pipeline.acceleration import InferenceOptions, accelerate
+from sdfsmis.pipeline.segmenter import segment_slices
+from sdfsmis.training.trainer import EpisodeLoss, make_optimizer, step_generator, train_step
 
 
 @pytest.fixture()
@@ -68,7 +69,7 @@ def test_reference_on_a_subset_is_those_slices_of_the_full_reference(tiny_model,
 
 RETAINED_HEAP = """
 import ctypes, sys, torch
-from sdfsmis.acceleration import retain_freed_memory
+from sdfsmis.pipeline.acceleration import retain_freed_memory
 
 class MallInfo2(ctypes.Structure):
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
@@ -129,7 +130,7 @@ def test_batch_size_does_not_change_probabilities(tiny_model, inputs):
 
 def test_our_training_step_equals_the_released_one(tiny_backbone, tiny_config):
     """One batch SQI + train_step computes the released two-pass step: same loss, same update."""
-    from sdfsmis.episodes import Episode
+    from sdfsmis.training.episodes import Episode
 
     resolution = tiny_config.model.resolution
     g = torch.Generator().manual_seed(3)
@@ -146,7 +147,7 @@ def test_our_training_step_equals_the_released_one(tiny_backbone, tiny_config):
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).train())
+        models.append(SDFSMIS.from_backbone(tiny_backbone, tiny_config).train())
     ours, released = models
     our_loss = train_step(
         EpisodeLoss(ours), make_optimizer(ours, cfg), episode, step_generator(ours.device, 1, 0), cfg.grad_clip
@@ -157,7 +158,7 @@ def test_our_training_step_equals_the_released_one(tiny_backbone, tiny_config):
             released, banks, optimizer, episode, step_generator(released.device, 1, 0), cfg.grad_clip
         )
     assert abs(our_loss["loss"].item() - released_loss) < 1e-5
-    before = SDFSMIS.from_backbone(tiny_backbone, tiny_config.model).unet.state_dict()
+    before = SDFSMIS.from_backbone(tiny_backbone, tiny_config).unet.state_dict()
     for name, value in ours.unet.state_dict().items():
         # Adam's first step moves a weight by lr g / (|g| + eps), within lr of where it was, along the
         # gradient's sign, whatever the gradient's size: two gradients that differ only by summation

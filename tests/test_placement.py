@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdfsmis import placement
 from sdfsmis.config import InferenceConfig
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.volume import load_volume, normalise_intensity
+from sdfsmis.io.volume import load_volume, normalise_intensity
+from sdfsmis.pipeline import placement
+from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 SPLEEN = 4
 

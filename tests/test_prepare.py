@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from sdfsmis.cli import main
+from sdfsmis.dicom.reader import read_series
 from sdfsmis.evaluation.dataset import PreparedDataset
-from sdfsmis.evaluation.dicom import read_series
 from sdfsmis.evaluation.lookalike import SYNAPSE_IDS, write_chaos, write_synapse
-from sdfsmis.supervoxels import supervoxel_cache_path
-from sdfsmis.synthetic import make_studies, make_volume
+from sdfsmis.samples.synthetic import make_studies, make_volume
+from sdfsmis.training.supervoxels import supervoxel_cache_path
 
 SHAPE = (64, 64, 10)
 

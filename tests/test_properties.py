@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sdfsmis.placement import _ras_affine
-from sdfsmis.volume import SliceGrid, load_volume, normalise_intensity, ras_spacing
+from sdfsmis.io.volume import SliceGrid, load_volume, normalise_intensity, ras_spacing
+from sdfsmis.pipeline.placement import _ras_affine
 
 #: apps/mutation.sh sets fewer examples: each surviving mutant reruns every test that reaches it
 PROPERTY = settings(max_examples=int(os.environ.get("SDFSMIS_PROPERTY_EXAMPLES", "30")), deadline=None)

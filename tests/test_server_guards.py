@@ -35,8 +35,8 @@ from monailabel.client.client import MONAILabelClient, MONAILabelClientException
 
 from app_server import monailabel_server, server_process
 from rest import infer, nifti, organ_label, put_label, random_head_checkpoint, stored
-from sdfsmis.synthetic import make_studies, make_volume, write_nifti
-from sdfsmis.weights import WEIGHTS_NAME
+from sdfsmis.io.weights import WEIGHTS_NAME
+from sdfsmis.samples.synthetic import make_studies, make_volume, write_nifti
 
 SHAPE = (48, 48, 16)
 LONG_SHAPE = (96, 96, 320)  # drawn on 3 slices per organ: the tiny model segments ~270 slices, ~34 batches

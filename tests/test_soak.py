@@ -18,8 +18,8 @@ import requests
 
 from app_server import monailabel_server
 from rest import infer, nifti, organ_label, put_label, random_head_checkpoint
-from sdfsmis.synthetic import ABDOMINAL_LABELS, make_studies
-from sdfsmis.weights import WEIGHTS_NAME
+from sdfsmis.io.weights import WEIGHTS_NAME
+from sdfsmis.samples.synthetic import ABDOMINAL_LABELS, make_studies
 
 SHAPE = (48, 48, 16)
 CLIENTS = 4  # client i owns image case_00i for its submissions: "the last acknowledged label" is well defined

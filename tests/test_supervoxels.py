@@ -10,9 +10,9 @@ import pytest
 from scipy import ndimage
 from skimage import measure
 
-from sdfsmis import supervoxels as sv
-from sdfsmis.supervoxels import compute_supervoxels  # unpatched, for reference results
-from sdfsmis.synthetic import make_volume, write_nifti
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.training import supervoxels as sv
+from sdfsmis.training.supervoxels import compute_supervoxels  # unpatched, for reference results
 
 SPACING = (1.5, 1.5, 5.0)
 MIN_SIZE = 400  # the synthetic patients are small: a kidney has ~1500 voxels

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sdfsmis.synthetic import ABDOMINAL_LABELS, make_studies, make_volume, write_nifti
+from sdfsmis.samples.synthetic import ABDOMINAL_LABELS, make_studies, make_volume, write_nifti
 
 
 def _z_range(label: np.ndarray, value: int) -> tuple[int, int]:

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sdfsmis.checkpoints import read_state
-from sdfsmis.synthetic import make_studies
-from sdfsmis.weights import WEIGHTS_NAME, load_weights
+from sdfsmis.io.weights import WEIGHTS_NAME, load_weights
+from sdfsmis.samples.synthetic import make_studies
+from sdfsmis.training.checkpoints import read_state
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
@@ -97,10 +97,10 @@ def test_killed_training_resumes_from_last_complete_checkpoint(tiny_backbone, st
     killed_at = read_state(output)["iteration"]
     assert 15 <= killed_at < 400
     # whatever moment the kill hit, `last` is a complete, loadable checkpoint
-    from sdfsmis.config import load_config
-    from sdfsmis.models.sdfsmis import SDFSMIS
+    from sdfsmis.methods.sdfsmis.model import SDFSMIS
+    from sdfsmis.settings import load_config
 
-    model = SDFSMIS.from_backbone(tiny_backbone, load_config(backbone=tiny_backbone).model)
+    model = SDFSMIS.from_backbone(tiny_backbone, load_config(backbone=tiny_backbone))
     assert load_weights(model, output / "last" / WEIGHTS_NAME)["iteration"] == killed_at
 
     target = killed_at + 10

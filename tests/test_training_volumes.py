@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdfsmis.config import load_config
-from sdfsmis.episodes import EpisodeZoom, NoEpisodes, TrainingVolume
-from sdfsmis.synthetic import make_studies, write_nifti
-from sdfsmis.trainer import TrainingRun, train
+from sdfsmis.samples.synthetic import make_studies, write_nifti
+from sdfsmis.settings import load_config
+from sdfsmis.training.episodes import EpisodeZoom, NoEpisodes, TrainingVolume
+from sdfsmis.training.trainer import TrainingRun, train
 
 
 def _hopeless(path: Path) -> Path:
@@ -62,7 +62,7 @@ def test_zoomed_episodes_take_supervoxels_as_small_as_a_zoomed_episode_shows(tmp
 def test_a_hopeless_volume_is_skipped_and_named_the_others_train(tiny_backbone, tmp_path, caplog):
     good = make_studies(tmp_path / "studies", 1, seed=3, shape=(64, 64, 24))
     bad = _hopeless(tmp_path / "studies" / "tiny_body.nii.gz")
-    with caplog.at_level(logging.WARNING, logger="sdfsmis.trainer"):
+    with caplog.at_level(logging.WARNING, logger="sdfsmis.training.trainer"):
         summary = _run(tiny_backbone, [*good, bad], tmp_path / "out")
     assert summary["iterations"] == 2 and (tmp_path / "out" / "sdfsmis.safetensors").is_file()
     assert [s["image"] for s in summary["skipped"]] == ["tiny_body.nii.gz"]

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sdfsmis.synthetic import make_volume, write_nifti
-from sdfsmis.volume import VolumeError, VolumeTooLarge, check_same_geometry, load_volume, read_geometry
+from sdfsmis.io.volume import VolumeError, VolumeTooLarge, check_same_geometry, load_volume, read_geometry
+from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 
 @pytest.fixture(scope="module")

@@ -1,1 +1,3 @@
-"""The SD-FSMIS MONAI Label app's own modules: runtime configuration, infer and train tasks."""
+"""The app's own modules, laid out like MONAI Label's radiology sample app: one runtime per method
+of the registry (``configs``), the infer and train tasks (``infers``, ``trainers``), and apart
+from them what the app adds to the server (``server``)."""

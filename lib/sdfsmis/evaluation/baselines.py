@@ -1,7 +1,7 @@
 """Training-free reference methods with the one-shot interface of
-:class:`sdfsmis.models.base.OneShotModel` (``encode_support``, ``predict`` -> ``Prediction``,
+:class:`sdfsmis.methods.base.OneShotModel` (``encode_support``, ``predict`` -> ``Prediction``,
 ``segment`` on [N, 1, R, R] slices in [-1, 1], ``resolution``, ``device``), so that the protocol
-harness and :class:`sdfsmis.inference.VolumeSegmenter` run them exactly like SD-FSMIS and DPL.
+harness and :class:`sdfsmis.pipeline.segmenter.VolumeSegmenter` run them exactly like SD-FSMIS and DPL.
 
 - :class:`PrototypeMatcher`: PANet / ALPNet-style prototype matching on handcrafted intensity
   features (no learned features): a floor for every table.
@@ -17,11 +17,11 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..models.base import Prediction
+from sdfsmis.methods.base import Prediction
 
 
 class TrainingFree:
-    """What the baselines share with :class:`~sdfsmis.models.base.OneShotModel` without being
+    """What the baselines share with :class:`~sdfsmis.methods.base.OneShotModel` without being
     torch modules: ``resolution``, a CPU ``device``, ``predict_each`` (k support rows per query) and
     ``segment`` = ``predict(...).probability`` with support row 0 by default. Subclasses
     implement ``encode_support`` and ``predict``."""
@@ -157,6 +157,15 @@ class RegistrationPropagation(TrainingFree):
         method.SetNumberOfThreads(self.threads)
         return method
 
+    def _ran(self, method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, failed: str) -> bool:
+        """Run one stage; where it fails, say so in ``fallbacks`` (the caller keeps the previous one)."""
+        try:
+            method.Execute(fixed, moving)
+        except RuntimeError as error:
+            self.fallbacks.append(f"{failed}: {_last_line(error)}")
+            return False
+        return True
+
     def register(self, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
         """The transform that maps fixed-image points into the moving image.
 
@@ -171,20 +180,14 @@ class RegistrationPropagation(TrainingFree):
         linear.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, self.iterations, relaxationFactor=0.7)
         linear.SetOptimizerScalesFromPhysicalShift()
         linear.SetInitialTransform(affine, inPlace=True)
-        try:
-            linear.Execute(fixed, moving)
-        except RuntimeError as error:
-            self.fallbacks.append(f"affine failed, centred start kept: {_last_line(error)}")
+        if not self._ran(linear, fixed, moving, "affine failed, centred start kept"):
             return start
         bspline = sitk.BSplineTransformInitializer(fixed, [self.mesh, self.mesh])
         deformable = self._method([2, 1])
         deformable.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=self.iterations)
         deformable.SetMovingInitialTransform(affine)
         deformable.SetInitialTransform(bspline, inPlace=True)
-        try:
-            deformable.Execute(fixed, moving)
-        except RuntimeError as error:
-            self.fallbacks.append(f"B-spline failed, affine kept: {_last_line(error)}")
+        if not self._ran(deformable, fixed, moving, "B-spline failed, affine kept"):
             return affine
         return sitk.CompositeTransform([affine, bspline])  # B-spline applied first, then the affine
 

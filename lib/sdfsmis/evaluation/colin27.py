@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .dataset import PreparedDataset
+from sdfsmis.evaluation.dataset import PreparedDataset
 
 #: AAL regions used as structures: small to large, both sides of four of them.
 STRUCTURES = (

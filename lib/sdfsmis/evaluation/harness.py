@@ -4,7 +4,7 @@ protocol (RPT EP1) or the realistic one, and score every query volume.
 - paper: the support volume's organ slices at 1/6, 1/2, 5/6 are the supports; the query volume's
   ground-truth organ slices are split into 3 chunks, chunk k segmented with support k; 3-D
   scores over those slices only. This gives the method the organ's z-range for free.
-- realistic: the product path (:class:`sdfsmis.inference.VolumeSegmenter`): the same supports,
+- realistic: the product path (:class:`sdfsmis.pipeline.segmenter.VolumeSegmenter`): the same supports,
   the whole query volume handed over, the method finds the organ's extent itself (z-range mapped
   from the support, absolute threshold, 3-D consistency); 3-D scores over the whole volume. For
   a method with a per-slice confidence (DPL), each segmented slice's Dice and confidence are
@@ -32,15 +32,16 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..config import InferenceConfig
-from ..inference import VolumeSegmenter
-from ..volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity, ras_spacing
-from .dataset import PreparedDataset
-from .interpolation import SliceInterpolation
-from .methods import PROPAGATION_ONLY, Method
-from .metrics import score_volume
-from .nearest_slice import NearestSliceCopy
-from .protocol import SHOTS, annotated_slices, chunk_index, make_folds, organ_slices, support_slices
+from sdfsmis.config import InferenceConfig
+from sdfsmis.evaluation.dataset import PreparedDataset
+from sdfsmis.evaluation.interpolation import SliceInterpolation
+from sdfsmis.evaluation.methods import PROPAGATION_ONLY, Method
+from sdfsmis.evaluation.metrics import score_volume
+from sdfsmis.evaluation.nearest_slice import NearestSliceCopy
+from sdfsmis.evaluation.protocol import SHOTS, annotated_slices, chunk_index, make_folds, organ_slices, support_slices
+from sdfsmis.io.volume import SliceGrid, Volume, axial_slices, load_volume, normalise_intensity, ras_spacing
+from sdfsmis.metrics import dice
+from sdfsmis.pipeline.segmenter import VolumeSegmenter
 
 PROTOCOLS = ("paper", "realistic", "propagation")
 
@@ -81,12 +82,7 @@ def paper_decision(probability: np.ndarray, index: np.ndarray, method: Method) -
 
 def slice_dice(prediction: np.ndarray, truth: np.ndarray, slices: list[int]) -> list[float | None]:
     """2-D Dice of each axial slice [X, Y, Z] in ``slices``; None where both are empty."""
-    scores = []
-    for z in slices:
-        p, t = prediction[..., z], truth[..., z]
-        total = int(p.sum()) + int(t.sum())
-        scores.append(None if total == 0 else 2.0 * float((p & t).sum()) / total)
-    return scores
+    return [dice(prediction[..., z], truth[..., z], empty=None) for z in slices]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .nearest_slice import NearestSliceCopy
+from sdfsmis.evaluation.nearest_slice import NearestSliceCopy
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Generated look-alike raw data in the CHAOS and Synapse distribution layouts (sdfsmis.synthetic
+"""Generated look-alike raw data in the CHAOS and Synapse distribution layouts (sdfsmis.samples.synthetic
 anatomy), so that ``prepare`` and ``evaluate`` run end to end without the real data sets.
 
 CHAOS: ``CHAOS_Train_Sets/Train_Sets/MR/<id>/T2SPIR/DICOM_anon/IMG-0002-000NN.dcm`` (single-frame
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..dicom_series import volume_to_series, write_series
-from ..synthetic import make_volume, write_nifti
+from sdfsmis.dicom.series import volume_to_series, write_series
+from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 #: The real CHAOS MR training ids (not contiguous).
 CHAOS_IDS = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
@@ -28,7 +28,7 @@ def resliced(
     shape: tuple[int, int, int], spacing: tuple[float, float, float], slice_spacing: float | None
 ) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """The grid of the same field of view at another slice thickness: the generated anatomy is
-    defined in units of the field of view (:mod:`sdfsmis.synthetic`), so each seed keeps its
+    defined in units of the field of view (:mod:`sdfsmis.samples.synthetic`), so each seed keeps its
     patient, sampled by more (thinner) or fewer (thicker) slices."""
     if slice_spacing is None:
         return shape, spacing

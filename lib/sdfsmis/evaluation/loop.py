@@ -6,7 +6,7 @@ data set with ground truth:
   relative position), the share of the true organ slices inside the range and the slices
   segmented needlessly;
 - ``supports``: 3-D Dice of each query volume segmented from 1, 2 and 4 other patients at once
-  (:meth:`~sdfsmis.inference.VolumeSegmenter.segment_with`), and the rank correlation of the
+  (:meth:`~sdfsmis.pipeline.segmenter.VolumeSegmenter.segment_with`), and the rank correlation of the
   per-slice confidence with the per-slice Dice.
 """
 
@@ -21,11 +21,12 @@ import nibabel as nib
 import numpy as np
 from scipy import stats
 
-from .. import placement
-from ..config import SDFSMISConfig
-from ..inference import SupportVolume, VolumeSegmenter
-from ..volume import load_volume, normalise_intensity
-from .dataset import PreparedDataset
+from sdfsmis.evaluation.dataset import PreparedDataset
+from sdfsmis.io.volume import load_volume, normalise_intensity
+from sdfsmis.metrics import dice
+from sdfsmis.pipeline import placement
+from sdfsmis.pipeline.segmenter import SupportVolume, VolumeSegmenter
+from sdfsmis.settings import Settings
 
 #: Fields of view of the query: (name, fraction cut from the upper end, from the lower end,
 #: fraction of slices added below the lowest one).
@@ -79,7 +80,7 @@ def _range_figures(place: placement.Placement, truth: np.ndarray) -> dict:
     }
 
 
-def placement_study(dataset: PreparedDataset, config: SDFSMISConfig, work: Path, pairs: int) -> list[dict]:
+def placement_study(dataset: PreparedDataset, config: Settings, work: Path, pairs: int) -> list[dict]:
     """Per (support, query, field of view, organ): both rules' ranges against the true organ slices."""
     cases, records = dataset.cases, []
     clip = config.inference.clip_percentiles
@@ -127,11 +128,6 @@ def placement_study(dataset: PreparedDataset, config: SDFSMISConfig, work: Path,
     return records
 
 
-def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    total = prediction.sum() + truth.sum()
-    return float(2 * (prediction & truth).sum() / total) if total else 1.0
-
-
 def support_count_study(
     dataset: PreparedDataset, segmenters: dict[str, VolumeSegmenter], queries: list[str]
 ) -> list[dict]:
@@ -154,11 +150,11 @@ def support_count_study(
                     report = result.reports[label_id]
                     target = truth == label_id
                     found = result.labels == label_id
-                    slice_dice = [_dice(found[..., z], target[..., z]) for z in report.query_slices]
+                    slice_dice = [dice(found[..., z], target[..., z]) for z in report.query_slices]
                     records.append(
                         {
                             "method": method, "query": query_case, "supports": count, "organ": organ,
-                            "dice": _dice(found, target), "slice_dice": slice_dice,
+                            "dice": dice(found, target), "slice_dice": slice_dice,
                             "slice_confidence": report.confidence, "seconds": round(result.seconds, 3),
                         }
                     )  # fmt: skip
@@ -217,7 +213,7 @@ def summarise_supports(records: list[dict]) -> str:
 def run(
     dataset: PreparedDataset,
     segmenters: dict[str, VolumeSegmenter],
-    config: SDFSMISConfig,
+    config: Settings,
     output: Path,
     pairs: int,
     queries: list[str],

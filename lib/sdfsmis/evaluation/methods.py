@@ -1,7 +1,7 @@
 """The methods the harness compares. Each wraps an object with the one-shot interface of
-:class:`sdfsmis.models.base.OneShotModel` (``encode_support`` / ``predict`` -> ``Prediction``,
-``resolution``, ``device``): SD-FSMIS, DPL and DPL's ablations (loaded with
-:func:`sdfsmis.models.load_model`) or a training-free baseline, plus the paper protocol's decision
+:class:`sdfsmis.methods.base.OneShotModel` (``encode_support`` / ``predict`` -> ``Prediction``,
+``resolution``, ``device``): every method of the registry and its ablations (loaded with
+:func:`sdfsmis.methods.load_model`) or a training-free baseline, plus the paper protocol's decision
 rule of that method. The nearest-slice copy (``nearest-slice``) has no model: it is the floor of
 same-volume propagation and runs only under that protocol."""
 
@@ -13,22 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .baselines import PrototypeMatcher, RegistrationPropagation
-from .interpolation import SliceInterpolation
-from .nearest_slice import NearestSliceCopy
+from sdfsmis.evaluation.baselines import PrototypeMatcher, RegistrationPropagation
+from sdfsmis.evaluation.interpolation import SliceInterpolation
+from sdfsmis.evaluation.nearest_slice import NearestSliceCopy
+from sdfsmis.methods import DEFAULT_METHOD, OneShotModel, load_model, weights_key
+from sdfsmis.methods import METHODS as MODELS
 
-#: DPL and its ablations (../shared/docs/dpl.md "Ablations worth printing"), all from the same
-#: fold weights, changed after loading: lambda 0 (config.dpl.fusion_lambda = 0: the plain ADNet
-#: head on the same features), untrained denoiser (``reset_denoiser()``: Gaussian prototype
-#: augmentation), no condition (config.dpl.use_condition = False: the denoiser, trained with the
-#: condition, runs without it). Key -> title in the tables.
-DPL_VARIANTS = {
-    "dpl": "DPL",
-    "dpl-lambda0": "DPL, lambda 0 (plain prototype head)",
-    "dpl-untrained-denoiser": "DPL, untrained denoiser",
-    "dpl-no-condition": "DPL, no spatial condition",
+#: The model rows: every method of the registry and each of its ablations (variants changed
+#: after loading the same fold weights) -> (method, ablation or None).
+MODEL_KEYS: dict[str, tuple[str, str | None]] = {
+    key: (name, ablation)
+    for name, method in MODELS.items()
+    for key, ablation in [(name, None), *((a, a) for a in method.ablations)]
 }
-METHODS = ("sdfsmis", *DPL_VARIANTS, "prototype", "registration", "nearest-slice", "interpolation")
+METHODS = (*MODEL_KEYS, "prototype", "registration", "nearest-slice", "interpolation")
 #: Methods that only the same-volume ``propagation`` protocol can run (they copy the volume's own
 #: annotation; from another patient's volume there is nothing to copy).
 PROPAGATION_ONLY = ("nearest-slice", "interpolation")
@@ -56,33 +54,33 @@ def checkpoint_for_fold(pattern: str | None, fold: int, weights_name: str | None
 
 class MethodFactory:
     """Builds a method for a fold; a model is reloaded only when the fold's checkpoint changes
-    (DPL's ablations are copies of the loaded DPL, changed). DPL's weights come from
-    ``dpl_checkpoint``, else from ``checkpoint`` when that names a folder (its dpl.safetensors)."""
+    (ablations are changed copies of the loaded model). ``checkpoints``: method -> weights pattern
+    (see :func:`checkpoint_for_fold`); a method without one takes its weights file from the default
+    method's pattern when that names a folder."""
 
     def __init__(
         self,
         backbone: str | Path | None,
-        checkpoint: str | None,
+        checkpoints: dict[str, str | None],
         config: Any,
         device: str = "cpu",
         prototype_resolution: int = 256,
         registration_resolution: int = 128,
-        dpl_checkpoint: str | None = None,
     ):
-        self.backbone, self.checkpoint, self.config, self.device = backbone, checkpoint, config, device
-        self.dpl_checkpoint = dpl_checkpoint
+        self.backbone, self.checkpoints, self.config, self.device = backbone, checkpoints, config, device
         self.prototype_resolution = prototype_resolution
         self.registration_resolution = registration_resolution
         self._loaded: tuple[str, Path | None, Method] | None = None
-        self._dpl: tuple[Path | None, Any] | None = None  # the fold's DPL as loaded, never changed
+        self._base: tuple[str, Path | None, OneShotModel] | None = None  # the fold's model as loaded, never changed
 
-    def _checkpoint(self, key: str, fold: int, weights_name: str) -> Path | None:
-        if key == "sdfsmis":
-            return checkpoint_for_fold(self.checkpoint, fold, weights_name)
-        if self.dpl_checkpoint is not None:
-            return checkpoint_for_fold(self.dpl_checkpoint, fold, weights_name)
-        folder = checkpoint_for_fold(self.checkpoint, fold)
-        return folder / weights_name if folder is not None and folder.is_dir() else None
+    def _checkpoint(self, method: str, fold: int) -> Path | None:
+        weights_name = MODELS[method].weights_name
+        if self.checkpoints.get(method) is not None:
+            return checkpoint_for_fold(self.checkpoints[method], fold, weights_name)
+        folder = checkpoint_for_fold(self.checkpoints.get(DEFAULT_METHOD), fold)
+        if method == DEFAULT_METHOD or folder is None:
+            return folder
+        return folder / weights_name if folder.is_dir() else None
 
     def __call__(self, key: str, fold: int) -> Method:
         if key == "prototype":
@@ -93,46 +91,30 @@ class MethodFactory:
             return Method(key, NearestSliceCopy.title, NearestSliceCopy())
         if key == "interpolation":
             return Method(key, SliceInterpolation.title, SliceInterpolation())
-        if key != "sdfsmis" and key not in DPL_VARIANTS:
+        if key not in MODEL_KEYS:
             raise ValueError(f"unknown method {key!r} (known: {', '.join(METHODS)})")
-        from ..models import load_model, method_class
-
-        method = "sdfsmis" if key == "sdfsmis" else "dpl"
-        checkpoint = self._checkpoint(key, fold, method_class(method).weights_name)
+        method, ablation = MODEL_KEYS[key]
+        checkpoint = self._checkpoint(method, fold)
         if self._loaded is not None and self._loaded[:2] == (key, checkpoint):
             return self._loaded[2]
-        self._loaded = None  # in memory: the current method's model, and the fold's DPL for its ablations
+        self._loaded = None  # in memory: the current row's model, and the fold's model for its ablations
         if self.backbone is None:
             raise ValueError(f"method {key} needs --backbone")
-        option = "--checkpoint" if method == "sdfsmis" else "--dpl-checkpoint"
+        option = "--" + weights_key(method).replace("_", "-")
         if checkpoint is None:
             print(f"WARNING: no {option}: {key} is untrained, its scores are a floor", file=sys.stderr)
         elif not checkpoint.exists():
             raise FileNotFoundError(f"{option} for fold {fold} not found: {checkpoint}")
+        if self._base is None or self._base[:2] != (method, checkpoint):
+            self._base = None
+            config = copy.deepcopy(self.config)  # each model changes its own section (ablations)
+            self._base = (method, checkpoint, load_model(method, self.backbone, config, checkpoint, self.device).eval())
+        model = self._base[2] if ablation is None else self._base[2].ablated(ablation)
+        title = MODELS[method].title if ablation is None else MODELS[method].ablations[ablation]
         untrained = "" if checkpoint else " (untrained)"
-        if method == "sdfsmis":
-            self._dpl, config = None, copy.deepcopy(self.config)
-            model = load_model("sdfsmis", self.backbone, config, checkpoint, device=self.device).eval()
-            title = f"SD-FSMIS, backbone {Path(str(self.backbone)).name}{untrained}"
-            # The paper's decision: 0.25 x the chunk's maximum, largest component per slice.
-            built = Method(key, title, model, relative_threshold=0.25, largest_per_slice=True)
-        else:
-            if self._dpl is None or self._dpl[0] != checkpoint:
-                self._dpl = None
-                config = copy.deepcopy(self.config)
-                self._dpl = (
-                    checkpoint,
-                    load_model("dpl", self.backbone, config, checkpoint, device=self.device).eval(),
-                )
-            model = self._dpl[1] if key == "dpl" else copy.deepcopy(self._dpl[1])  # its own config too
-            if key == "dpl-lambda0":
-                model.config.fusion_lambda = 0.0
-            elif key == "dpl-no-condition":
-                model.config.use_condition = False
-            elif key == "dpl-untrained-denoiser":
-                model.reset_denoiser()
-            # ADNet's decision (P > 0.5 from the learned threshold T), no post-processing: neither
-            # the DPL abstract nor the ADNet lineage states a relative threshold or component rule.
-            built = Method(key, f"{DPL_VARIANTS[key]}, backbone {Path(str(self.backbone)).name}{untrained}", model)
+        # the decision rule the method's paper states (SD-FSMIS: 0.25 x the chunk's maximum, largest
+        # component per slice); DPL: ADNet's P > 0.5 from the learned threshold, no post-processing
+        decision = MODELS[method].paper_decision
+        built = Method(key, f"{title}, backbone {Path(str(self.backbone)).name}{untrained}", model, **decision)
         self._loaded = (key, checkpoint, built)
         return built

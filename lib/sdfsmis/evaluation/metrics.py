@@ -10,10 +10,11 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
+from monai.metrics import HausdorffDistanceMetric, SurfaceDistanceMetric
 from scipy.stats import spearmanr
 
-_DICE = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+from sdfsmis.metrics import dice
+
 _HD95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
 _ASSD = SurfaceDistanceMetric(include_background=True, symmetric=True, reduction="none")
 
@@ -31,7 +32,7 @@ def score_volume(prediction: np.ndarray, truth: np.ndarray, spacing: tuple[float
         assd = float(_ASSD(p, t, spacing=spacing)) if prediction.any() else float("nan")
     true_voxels = int(np.count_nonzero(truth))
     ratio = np.count_nonzero(prediction) / true_voxels if true_voxels else float("nan")
-    return {"dice": float(_DICE(p, t)), "hd95": hd95, "assd": assd, "volume_ratio": float(ratio)}
+    return {"dice": dice(prediction, truth), "hd95": hd95, "assd": assd, "volume_ratio": float(ratio)}
 
 
 def _finite_mean(values: list[float]) -> float | None:
@@ -60,11 +61,11 @@ def uncertainty_correlation(records: list[dict]) -> dict | None:
     for r in records:
         if r.get("failed") or r.get("slice_confidence") is None:
             continue
-        for dice, confidence in zip(r["slice_dice"], r["slice_confidence"]):
-            if dice is not None:
+        for score, confidence in zip(r["slice_dice"], r["slice_confidence"]):
+            if score is not None:
                 for key in (r["organ"], None):
                     pairs[key][0].append(1.0 - confidence)
-                    pairs[key][1].append(1.0 - dice)
+                    pairs[key][1].append(1.0 - score)
     if not pairs:
         return None
     classes = {organ: _spearman(*pair) for organ, pair in pairs.items() if organ is not None}

@@ -18,10 +18,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..supervoxels import load_or_compute_supervoxels
-from ..synthetic import write_nifti
-from .dataset import PreparedDataset
-from .dicom import read_series
+from sdfsmis.dicom.reader import read_series
+from sdfsmis.evaluation.dataset import PreparedDataset
+from sdfsmis.samples.synthetic import write_nifti
+from sdfsmis.training.supervoxels import load_or_compute_supervoxels
 
 CHAOS_LABELS = {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
 #: CHAOS ground-truth PNG intensity ranges (the challenge's own ranges) -> label ids.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import PreparedDataset
+from sdfsmis.evaluation.dataset import PreparedDataset
 
 SHOTS = 3  # EP1: three support slices, one per query chunk
 
@@ -45,7 +45,7 @@ def organ_slices(label: np.ndarray, label_id: int) -> np.ndarray:
 def support_slices(label: np.ndarray, label_id: int, shots: int = SHOTS) -> list[int]:
     """The support volume's organ slices at fractions 1/6, 1/2, 5/6 (``int(p * C)`` of the C
     organ slices, the lineage's ``get_support_index``). Unlike the product's
-    :func:`sdfsmis.inference.choose_support_slices`, repeats are kept when the organ spans few
+    :func:`sdfsmis.pipeline.segmenter.choose_support_slices`, repeats are kept when the organ spans few
     slices, so that there are always ``shots`` chunks, as in EP1."""
     organ = organ_slices(label, label_id)
     if organ.size == 0:
@@ -86,7 +86,7 @@ def training_selection(
     """``sdfsmis train`` images and Setting-2 classes. Without ``fold``/``setting``: the images
     as given. With them, ``images`` is a prepared data set: fold K's training volumes (all cases
     outside its test set) and, for Setting 2, its test classes (unless ``exclude`` names them)."""
-    from ..trainer import find_images
+    from sdfsmis.training.trainer import find_images
 
     if fold is None and setting is None:
         return find_images(images), exclude

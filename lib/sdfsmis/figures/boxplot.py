@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.patches import Patch
 
-from .canvas import new_figure, save_png
+from sdfsmis.figures.canvas import new_figure, save_png
 
 BOXPLOT_PX = (1000, 500)
 

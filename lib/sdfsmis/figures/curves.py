@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .canvas import new_figure, save_png
+from sdfsmis.figures.canvas import new_figure, save_png
 
 CURVES_NAME = "training_curves.png"
 CURVES_PX = (1000, 800)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .boxplot import dice_boxplot
-from .canvas import save_png
-from .display import PREDICTION, REFERENCE, display_window
-from .montage import Tile, render_montage, spread_slices, volume_tiles
-from .report import write_html_report
+from sdfsmis.figures.boxplot import dice_boxplot
+from sdfsmis.figures.canvas import save_png
+from sdfsmis.figures.display import PREDICTION, REFERENCE, display_window
+from sdfsmis.figures.montage import Tile, render_montage, spread_slices, volume_tiles
+from sdfsmis.figures.report import write_html_report
 
 MONTAGES = "montages"
 BOXPLOT_NAME = "boxplot.png"

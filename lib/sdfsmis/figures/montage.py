@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.lines import Line2D
 
-from ..volume import Volume, ras_spacing
-from .canvas import new_figure, render
-from .display import radiological
+from sdfsmis.figures.canvas import new_figure, render
+from sdfsmis.figures.display import radiological
+from sdfsmis.io.volume import Volume, ras_spacing
 
 #: Layout in pixels: a header (title, legend), then per row a title strip above square tiles.
 TILE_PX = 160

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..inference import SegmentationResult
-from ..volume import Volume
-from .canvas import save_png
-from .display import PREDICTION, REFERENCE, display_window
-from .montage import Tile, render_montage, spread_slices, volume_tiles
+from sdfsmis.figures.canvas import save_png
+from sdfsmis.figures.display import PREDICTION, REFERENCE, display_window
+from sdfsmis.figures.montage import Tile, render_montage, spread_slices, volume_tiles
+from sdfsmis.io.volume import Volume
+from sdfsmis.pipeline.segmenter import SegmentationResult
 
 PREVIEW_SLICES = 6
 

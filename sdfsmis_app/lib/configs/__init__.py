@@ -1,3 +1,3 @@
-from .runtime import AppSettings, ModelRuntime, ModelUnavailable
+from lib.configs.runtime import AppSettings, ModelRuntime, ModelUnavailable
 
 __all__ = ["AppSettings", "ModelRuntime", "ModelUnavailable"]

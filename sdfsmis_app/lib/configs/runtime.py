@@ -1,4 +1,4 @@
-"""The app's models, one runtime per one-shot method (SD-FSMIS, DPL): settings from ``--conf``, a
+"""The app's models, one runtime per method of the registry (``sdfsmis.methods``): settings from ``--conf``, a
 status that needs no loading, lazy loading on first use, and pick-up of a newly published
 checkpoint without a restart that never swaps weights under an inference in flight."""
 
@@ -11,14 +11,12 @@ from pathlib import Path
 
 import torch
 
-from sdfsmis.acceleration import InferenceOptions, accelerate
-from sdfsmis.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
-from sdfsmis.config import SDFSMISConfig, load_config
-from sdfsmis.inference import VolumeSegmenter
-from sdfsmis.models import OneShotModel, load_model, method_class
-from sdfsmis.weights import load_weights
-
-from ..concurrency import InferenceGate
+from lib.server.concurrency import InferenceGate
+from sdfsmis.io.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
+from sdfsmis.methods import DEFAULT_METHOD, METHODS, method_class, weights_key
+from sdfsmis.pipeline.predictor import Predictor
+from sdfsmis.pipeline.segmenter import VolumeSegmenter
+from sdfsmis.settings import Settings, load_config
 
 TRUE = {"1", "true", "yes", "on"}
 
@@ -32,8 +30,7 @@ class AppSettings:
     backbone: str
     device: str
     model_dir: Path
-    checkpoint: Path  # SD-FSMIS's served weights
-    dpl_checkpoint: Path  # DPL's served weights
+    checkpoints: dict[str, Path]  # each method's served weights
     allow_untrained: bool
     preset: str | None
     modalities: list[str]  # DICOMweb mode: the modalities of the image series served
@@ -51,17 +48,15 @@ class AppSettings:
             backbone=conf.get("backbone", DEFAULT_BACKBONE),
             device=device,
             model_dir=model_dir,
-            checkpoint=Path(conf.get("checkpoint") or model_dir / method_class("sdfsmis").weights_name),
-            dpl_checkpoint=Path(conf.get("dpl_checkpoint") or model_dir / method_class("dpl").weights_name),
+            checkpoints={
+                name: Path(conf.get(weights_key(name)) or model_dir / method.weights_name)
+                for name, method in METHODS.items()
+            },
             allow_untrained=str(conf.get("allow_untrained", "false")).lower() in TRUE,
             preset=conf.get("preset"),
             modalities=str(conf.get("modalities", "CT,MR")).split(","),
             **{key: kind(conf[key]) for key, kind in _LIMITS.items() if conf.get(key) not in (None, "")},
         )
-
-    def checkpoint_of(self, method: str) -> Path:
-        """Where a method's served weights are (each method publishes its own file)."""
-        return {"sdfsmis": self.checkpoint, "dpl": self.dpl_checkpoint}[method]
 
 
 _LIMITS = {
@@ -80,22 +75,20 @@ def _hub_cached() -> bool:
     return all(isinstance(try_to_load_from_cache(repo, name), str) for repo, name in files)
 
 
-TITLES = {"sdfsmis": "SD-FSMIS", "dpl": "DPL"}
-
-
 class ModelRuntime:
-    def __init__(self, settings: AppSettings, gate: InferenceGate, method: str = "sdfsmis"):
+    def __init__(self, settings: AppSettings, gate: InferenceGate, method: str = DEFAULT_METHOD):
         self.settings = settings
         self.method = method
-        self.title = TITLES[method]
-        self.checkpoint = settings.checkpoint_of(method)
+        self.title = method_class(method).title
+        self.description = method_class(method).description
+        self.checkpoint = settings.checkpoints[method]
         self.gate = gate  # admits every inference (all methods): its count of running ones guards weight swaps
         self._lock = threading.Lock()
-        self._model: OneShotModel | None = None
+        self._predictor: Predictor | None = None
         self._loaded_checkpoint: tuple[int, int] | None = None  # (mtime_ns, size)
 
     @property
-    def config(self) -> SDFSMISConfig:
+    def config(self) -> Settings:
         spec = self.settings.backbone
         return load_config(self.settings.preset, None if spec == DEFAULT_BACKBONE else spec)
 
@@ -118,7 +111,7 @@ class ModelRuntime:
                 f"backbone 'default' (hub ids) is not in the local cache and HF_HUB_OFFLINE=1. {HOW_TO_GET}"
             )
         if self._checkpoint_stamp() is None and not self.settings.allow_untrained:
-            conf_key = "checkpoint" if self.method == "sdfsmis" else f"{self.method}_checkpoint"
+            conf_key = weights_key(self.method)
             raise ModelUnavailable(
                 f"no fine-tuned {self.title} checkpoint at {self.checkpoint}: the {self.title} head is untrained "
                 f"and is not served. Fix: run the train task (POST /train/{self.method}, or 'Train' in Slicer), or "
@@ -140,7 +133,7 @@ class ModelRuntime:
             "checkpoint": str(self.checkpoint),
             "trained": self._checkpoint_stamp() is not None,
             "device": self.settings.device,
-            "loaded": self._model is not None,
+            "loaded": self._predictor is not None,
         }
 
     def segmenter(self) -> tuple[VolumeSegmenter, bool]:
@@ -148,16 +141,20 @@ class ModelRuntime:
         self.check()
         with self._lock:
             config = self.config
-            if self._model is None:
-                try:
-                    model = load_model(self.method, self.settings.backbone, config, device=self.settings.device)
+            if self._predictor is None:
+                try:  # the measured acceleration defaults of the device
+                    self._predictor = Predictor.from_pretrained(
+                        self.method, self.settings.backbone, config, device=self.settings.device
+                    )
                 except Exception as error:  # noqa: BLE001 - corrupt files raise many types; none can serve
-                    raise ModelUnavailable(f"backbone {self.settings.backbone} cannot be loaded: {error}") from error
-                self._model = accelerate(model.eval(), InferenceOptions())  # the measured defaults per device
+                    raise ModelUnavailable(
+                        f"{self.title}: backbone {self.settings.backbone} cannot be loaded: {error}"
+                    ) from error
             stamp = self._checkpoint_stamp()
             # safe to swap: no other inference uses the model, or none can have (untrained is never served)
             safe = self.gate.running <= 1 or (self._loaded_checkpoint is None and not self.settings.allow_untrained)
             if stamp is not None and stamp != self._loaded_checkpoint and safe:
-                load_weights(self._model, self.checkpoint)
+                self._predictor.load_weights(self.checkpoint)
                 self._loaded_checkpoint = stamp
-            return VolumeSegmenter(self._model, config.inference, progress=False), self._loaded_checkpoint is not None
+            self._predictor.settings = config  # inference settings as configured now
+            return self._predictor.segmenter(progress=False), self._loaded_checkpoint is not None

@@ -1,3 +1,3 @@
-from .one_shot import OneShotInfer
+from lib.infers.one_shot import OneShotInfer
 
 __all__ = ["OneShotInfer"]

@@ -14,12 +14,11 @@ from contextlib import contextmanager
 import torch
 from fastapi import HTTPException
 
-from sdfsmis.volume import VolumeError, VolumeTooLarge
-from sdfsmis.weights import CheckpointError
-
-from ..concurrency import Busy
-from ..configs import ModelUnavailable
-from .support import SupportNotFound
+from lib.configs import ModelUnavailable
+from lib.infers.support import SupportNotFound
+from lib.server.concurrency import Busy
+from sdfsmis.io.volume import VolumeError, VolumeTooLarge
+from sdfsmis.io.weights import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -29,23 +28,26 @@ class RequestError(ValueError):
 
 
 @contextmanager
-def http_errors() -> Iterator[None]:
+def http_errors(method: str | None = None) -> Iterator[None]:
+    """Turn what a request can fail on into an HTTP status with a message that says what was
+    wrong, naming the ``method`` (the model of the request) when there is one."""
+    model = f"{method} model" if method else "model"
     try:
         yield
     except ModelUnavailable as error:
-        raise HTTPException(status_code=503, detail=f"sdfsmis model unavailable: {error}") from error
+        raise HTTPException(status_code=503, detail=f"{model} unavailable: {error}") from error
     except CheckpointError as error:
-        raise HTTPException(status_code=503, detail=f"sdfsmis checkpoint unusable: {error}") from error
+        raise HTTPException(status_code=503, detail=f"{model}: checkpoint unusable: {error}") from error
     except Busy as error:
         retry = {"Retry-After": str(error.retry_after_s)}
         raise HTTPException(status_code=503, detail=str(error), headers=retry) from error
     except torch.cuda.OutOfMemoryError:
         # the failed request's tensors are freed with its traceback; hand the cached blocks back too
         torch.cuda.empty_cache()
-        logger.warning("sdfsmis: GPU out of memory during inference")
+        logger.warning(f"{model}: GPU out of memory during inference")
         raise HTTPException(
             status_code=503,
-            detail="sdfsmis: the GPU ran out of memory for this request; retry, or segment fewer labels or a smaller "
+            detail=f"{model}: the GPU ran out of memory for this request; retry, or segment fewer labels or a smaller "
             "volume (and keep max_concurrent_infers at 1)",
         ) from None
     except (SupportNotFound, RequestError) as error:

@@ -1,5 +1,5 @@
-"""The infer tasks ``sdfsmis`` and ``dpl``: one-shot segmentation of the requested image with the
-support resolved from the request or the datastore, by either method through the same rules;
+"""The infer task of each method (``sdfsmis``, ``dpl``): one-shot segmentation of the requested image
+with the support resolved from the request or the datastore, by every method through the same rules;
 labels keep the support's ids and names. DPL's results also say how confident each slice is."""
 
 from __future__ import annotations
@@ -11,23 +11,15 @@ import time
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from sdfsmis.inference import LabelReport, review_ids
-from sdfsmis.volume import LABEL_FORMATS, Volume, VolumeError, load_volume
-
-from ..configs import ModelRuntime
-from .guard import http_errors, parse_label_ids
-from .support import resolve_supports, review_name, support_label_ids
+from lib.configs import ModelRuntime
+from lib.infers.guard import http_errors, parse_label_ids
+from lib.infers.support import resolve_supports, review_name, support_label_ids
+from sdfsmis.io.volume import LABEL_FORMATS, Volume, VolumeError, load_volume
+from sdfsmis.pipeline.segmenter import LabelReport, review_ids
 
 logger = logging.getLogger(__name__)
 
 
-DESCRIPTIONS = {
-    "sdfsmis": "One-shot segmentation (SD-FSMIS, Stable Diffusion v1.5): the structures of a submitted or uploaded "
-    "label are segmented in the rest of the volume or in another patient's volume",
-    "dpl": "One-shot segmentation (DPL, diffusion-enhanced prototypes on DINOv2; fast on CPU): the structures of a "
-    "submitted or uploaded label are segmented in the rest of the volume or in another patient's volume, with a "
-    "per-slice confidence and the slices most worth reviewing",
-}
 #: Slices listed for review per label (lowest confidence first).
 REVIEW_SLICES = 5
 #: The colour of every "<label> - review" segment (param ``review_segment``): yellow, unlike any organ.
@@ -40,7 +32,7 @@ class OneShotInfer(InferTask):
             type=InferType.SEGMENTATION,  # one of the types OHIF's MONAI Label panel lists
             labels=None,  # labels come from the support of each request
             dimension=3,
-            description=DESCRIPTIONS[runtime.method],
+            description=runtime.description,
             config={"support": "", "labels": "", "review_segment": False},
         )
         self.runtime = runtime
@@ -59,7 +51,7 @@ class OneShotInfer(InferTask):
         }
 
     def __call__(self, request: dict) -> tuple[str, dict]:
-        with http_errors():
+        with http_errors(self.runtime.method):
             return self._infer(request)
 
     def _infer(self, request: dict) -> tuple[str, dict]:

@@ -19,9 +19,9 @@ import numpy as np
 from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
-from sdfsmis.dicom_seg import palette_colour
-from sdfsmis.inference import SupportVolume, select_label_ids
-from sdfsmis.volume import Volume, VolumeError, check_same_geometry, load_volume
+from sdfsmis.dicom.seg import palette_colour
+from sdfsmis.io.volume import Volume, VolumeError, check_same_geometry, load_volume
+from sdfsmis.pipeline.segmenter import SupportVolume, select_label_ids
 
 FINAL = DefaultLabelTag.FINAL.value
 #: The name suffix of a review segment (param ``review_segment``): where the evidence disagreed,

@@ -1,3 +1,3 @@
-from .one_shot import OneShotTrain
+from lib.trainers.one_shot import OneShotTrain
 
 __all__ = ["OneShotTrain"]

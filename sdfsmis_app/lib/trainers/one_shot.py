@@ -1,4 +1,4 @@
-"""The train tasks ``sdfsmis`` and ``dpl``: self-supervised episodic fine-tuning of that method on
+"""The train task of each method (``sdfsmis``, ``dpl``): self-supervised episodic fine-tuning of that method on
 the datastore's images (unlabeled are fine; submitted final labels can be mixed in), checkpoints
 in the app's model folder, the result published atomically where its infer task picks it up."""
 
@@ -12,11 +12,10 @@ import psutil
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from sdfsmis.checkpoints import publish
-from sdfsmis.models import method_class
-from sdfsmis.trainer import TrainingRun, train
-
-from ..configs import ModelRuntime
+from lib.configs import ModelRuntime
+from sdfsmis.methods import DEFAULT_METHOD, method_class
+from sdfsmis.training.checkpoints import publish
+from sdfsmis.training.trainer import TrainingRun, train
 
 TRUE = ("1", "true", "yes")
 
@@ -41,8 +40,8 @@ class OneShotTrain(TrainTask):
             f"Self-supervised {runtime.title} fine-tuning on 3-D supervoxel pseudo-labels of the datastore images"
         )
         self.runtime = runtime
-        # SD-FSMIS keeps the names it had before DPL existed, so running servers resume as they were
-        self.suffix = "" if runtime.method == "sdfsmis" else f"_{runtime.method}"
+        # the default method keeps the names it had before there were two, so running servers resume as they were
+        self.suffix = "" if runtime.method == DEFAULT_METHOD else f"_{runtime.method}"
 
     @property
     def stats_file(self) -> Path:

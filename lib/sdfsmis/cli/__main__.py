@@ -1,0 +1,5 @@
+"""``python -m sdfsmis.cli``: the ``sdfsmis`` command."""
+
+from sdfsmis.cli import main
+
+main()

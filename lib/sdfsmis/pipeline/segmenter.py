@@ -1,0 +1,620 @@
+"""One-shot segmentation of a volume with any one-shot method (SD-FSMIS, DPL) from one or several
+annotated volumes: pick support slices from each annotation, place each support in the query
+(:mod:`sdfsmis.pipeline.placement`), segment the query slices in batches against their nearest support
+slices of every support volume with the support work done once, and return labels in the query's
+own geometry. Where the members disagree (DPL's K prototype variants, or several supports serving
+a slice) there is also a voxel uncertainty map, a per-slice confidence and a review region."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from sdfsmis.config import InferenceConfig
+from sdfsmis.io.volume import SliceGrid, Volume, VolumeError, axial_slices, normalise_intensity, ras_spacing
+from sdfsmis.methods import OneShotModel, Prediction
+from sdfsmis.pipeline import grounding, placement
+from sdfsmis.pipeline.acceleration import InferenceOptions
+from sdfsmis.pipeline.grounding import Box
+from sdfsmis.pipeline.placement import Placement
+
+
+@dataclass
+class ServedBy:
+    """One support volume's part in a label: its support slices, where it was placed in the
+    query and by which rule."""
+
+    name: str
+    support_slices: list[int]
+    placement: Placement
+
+    def describe(self) -> dict:
+        return {"image": self.name, "support_slices": self.support_slices, **self.placement.describe()}
+
+
+@dataclass
+class LabelReport:
+    support_slices: list[int]
+    query_slices: list[int]
+    voxels: int = 0
+    confidence: list[float] | None = None  # per query slice, when the method gives uncertainty
+    served_by: list[ServedBy] = field(default_factory=list)
+
+    def review_slices(self, count: int) -> list[int]:
+        """The ``count`` query slices of lowest confidence (below 1), lowest first."""
+        if self.confidence is None:
+            return []
+        order = sorted(range(len(self.query_slices)), key=lambda i: self.confidence[i])
+        return [self.query_slices[i] for i in order if self.confidence[i] < 1.0][:count]
+
+
+#: A label's review segment has id ``label + REVIEW_ID_OFFSET``, so a viewer can list it before any
+#: result exists (OHIF builds its segments from ``/info``) and it fits a uint8 labelmap.
+REVIEW_ID_OFFSET = 100
+#: The largest id OHIF can show: it reads the result as a uint8 labelmap.
+MAX_REVIEW_ID = 255
+#: How far (in query pixels, at least) the model may move another patient's drawing carried by the
+#: registration: a similarity transform only approximates that patient's shape, and a reach under
+#: a pixel would leave the model nothing to decide (a boundary pixel lies a pixel from the contour).
+CARRIED_REACH_PIXELS = 1.5
+
+
+def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
+    """{label id: review segment id}, from the label ids alone so that the same labels always get
+    the same review ids: ``label + 100``; where that is taken or above 255, the next free id after
+    every id given so far; where that is above 255 too, the largest free id below it. A label
+    gets none when all of 1..255 are taken."""
+    taken = set(label_ids)
+    ids: dict[int, int] = {}
+    for label_id in sorted(taken):
+        wanted = label_id + REVIEW_ID_OFFSET
+        if wanted in taken or wanted > MAX_REVIEW_ID:
+            wanted = max(taken) + 1
+        if wanted > MAX_REVIEW_ID:
+            free = [i for i in range(MAX_REVIEW_ID, 0, -1) if i not in taken]
+            if not free:
+                continue
+            wanted = free[0]
+        ids[label_id] = wanted
+        taken.add(wanted)
+    return ids
+
+
+@dataclass
+class SegmentationResult:
+    labels: np.ndarray  # [X, Y, Z] in the query's RAS working orientation
+    reports: dict[int, LabelReport] = field(default_factory=dict)
+    seconds: float = 0.0
+    uncertainty: np.ndarray | None = None  # [X, Y, Z] variance of the members' probabilities, max over labels
+    review: dict[int, np.ndarray] = field(default_factory=dict)  # per label: voxels where the members disagree
+
+    def with_review(self) -> tuple[np.ndarray, dict[int, int]]:
+        """The labels with each non-empty review region as a segment of its own (:func:`review_ids`)
+        and {label id: review id}. A review voxel leaves its label's segment: a labelmap holds one
+        segment per voxel."""
+        labels = self.labels.copy()
+        ids = {k: v for k, v in review_ids(set(self.reports)).items() if k in self.review and self.review[k].any()}
+        for label_id, review_id in ids.items():
+            labels[self.review[label_id]] = review_id
+        return labels, ids
+
+    def confidence(self, query: Volume) -> dict[int, dict[int, float]]:
+        """Per label: {slice: confidence} with slices numbered as in the query's own file."""
+        return {
+            k: {query.original_slice(z): c for z, c in zip(r.query_slices, r.confidence)}
+            for k, r in self.reports.items()
+            if r.confidence is not None
+        }
+
+    def review_slices(self, query: Volume, count: int = 5) -> dict[int, list[int]]:
+        """Per label: the slices most worth reviewing (lowest confidence first), numbered as in
+        the query's own file; empty for a method without uncertainty."""
+        return {
+            k: [query.original_slice(z) for z in r.review_slices(count)]
+            for k, r in self.reports.items()
+            if r.confidence is not None
+        }
+
+    @property
+    def slices_segmented(self) -> int:
+        return sum(len(r.query_slices) for r in self.reports.values())
+
+    def summary(self) -> dict:
+        return {
+            "labels": {str(k): r.voxels for k, r in self.reports.items()},
+            "support_slices": {str(k): r.support_slices for k, r in self.reports.items()},
+            "supports": {str(k): [s.describe() for s in r.served_by] for k, r in self.reports.items()},
+            "query_slices": {str(k): [min(r.query_slices), max(r.query_slices)] for k, r in self.reports.items()},
+            "seconds": round(self.seconds, 3),
+            "seconds_per_slice": round(self.seconds / max(self.slices_segmented, 1), 4),
+        }
+
+
+def choose_support_slices(annotated: np.ndarray, count: int) -> list[int]:
+    """At most ``count`` annotated slices, spread at (2i+1)/(2n) of the annotated list
+    (1/6, 1/2, 5/6 for three, as in the EP1 protocol)."""
+    if len(annotated) <= count:
+        return [int(z) for z in annotated]
+    positions = [(2 * i + 1) / (2 * count) for i in range(count)]
+    return sorted({int(annotated[min(int(p * len(annotated)), len(annotated) - 1)]) for p in positions})
+
+
+class Serving(NamedTuple):
+    """Which support slices serve each query slice, and how much each one decides."""
+
+    index: np.ndarray  # [Q, k] support rows, nearest first
+    weights: np.ndarray  # [Q, k] share of each in the result, rows sum to 1 (0: a member of the doubt only)
+
+
+def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1) -> Serving:
+    """The ``count`` support slices nearest each query slice's ``position`` (:meth:`Placement.position`),
+    of which only the two that bracket it decide (weights linear in the position between them, as
+    interpolation), or the nearest alone where none brackets it (beyond the outermost support, on a
+    support, or ``count`` 1). The others are members of the doubt only: so a correction changes the result
+    between its neighbouring supports and nowhere else, as interpolating drawn slices does."""
+    position = np.asarray(position, dtype=np.float64)
+    z = np.asarray(support_z, dtype=np.float64)
+    distance = np.abs(position[:, None] - z[None, :])
+    k = max(1, min(count, len(z)))
+    order = np.argsort(distance, axis=1, kind="stable")
+    lower, upper = z[None, :] < position[:, None], z[None, :] > position[:, None]
+    bracketed = lower.any(axis=1) & upper.any(axis=1) & (distance.min(axis=1) > 0) & (k >= 2)
+    below = np.where(lower, distance, np.inf).argmin(axis=1)
+    above = np.where(upper, distance, np.inf).argmin(axis=1)
+    rows = []
+    for q in range(len(position)):  # the bracketing pair first (nearer one first), then the nearest others
+        first = sorted((int(below[q]), int(above[q])), key=lambda i: distance[q, i]) if bracketed[q] else []
+        rows.append((first + [int(i) for i in order[q] if i not in first])[:k])
+    index = np.array(rows, dtype=np.int64).reshape(len(position), k)
+    near, far = (np.take_along_axis(distance, index[:, i : i + 1], axis=1)[:, 0] for i in (0, min(1, k - 1)))
+    weights = np.zeros(index.shape, dtype=np.float32)
+    weights[:, 0] = np.where(bracketed, far / np.maximum(near + far, 1e-12), 1.0)  # linear between the pair
+    if k >= 2:
+        weights[:, 1] = np.where(bracketed, 1.0 - weights[:, 0], 0.0)
+    return Serving(index, weights)
+
+
+def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np.ndarray:
+    """3-D consistency: keep the components that touch the annotation (same volume), or the
+    largest component (another volume)."""
+    components, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    if seeds is not None and seeds.any():
+        keep = np.unique(components[seeds & mask])
+        keep = keep[keep > 0]
+        if keep.size:
+            return np.isin(components, keep)
+    sizes = np.bincount(components.ravel())[1:]
+    return components == (sizes.argmax() + 1)
+
+
+def select_label_ids(support_label: Volume, requested: list[int] | None = None) -> list[int]:
+    """The label ids to segment: all drawn ones by default; an empty support is an error."""
+    present = [int(k) for k in np.unique(support_label.data) if k > 0]
+    if not present:
+        raise VolumeError(f"support label {support_label.path.name} is empty: draw the structure on at least one slice")
+    absent = [k for k in requested or [] if k not in present]
+    if absent:
+        raise VolumeError(
+            f"label ids {absent} are not in the support label {support_label.path.name} (it has {present})"
+        )
+    return requested or present
+
+
+@dataclass
+class SupportVolume:
+    """An annotated volume that serves as support; ``name`` is how reports call it."""
+
+    image: Volume
+    label: Volume
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.image.path.name
+
+    def is_query(self, query: Volume) -> bool:
+        return self.image.path.resolve() == query.path.resolve()
+
+
+def select_supported_ids(supports: list[SupportVolume], requested: list[int] | None = None) -> list[int]:
+    """The label ids to segment: every id drawn in some support by default; an empty support or
+    an id that no support has is an error naming it."""
+    if len(supports) == 1:
+        return select_label_ids(supports[0].label, requested)
+    present = sorted({k for s in supports for k in select_label_ids(s.label)})
+    absent = [k for k in requested or [] if k not in present]
+    if absent:
+        names = ", ".join(s.label.path.name for s in supports)
+        raise VolumeError(f"label ids {absent} are not in the support label(s) {names} (they have {present})")
+    return requested or present
+
+
+def combine_supports(predictions: list[Prediction], weights: torch.Tensor) -> Prediction:
+    """The predictions of a query batch from its k nearest supports -> their weighted mean, with
+    every support's variants (DPL) or its probability (SD-FSMIS) as the members whose
+    disagreement is the uncertainty. ``weights`` [B, k]."""
+    w = weights[:, :, None, None, None].to(predictions[0].probability.dtype)  # [B, k, 1, 1, 1]
+    probability = (w[:, :, 0] * torch.cat([p.probability for p in predictions], dim=1)).sum(dim=1, keepdim=True)
+    if len(predictions) == 1 and predictions[0].variants is None:
+        return Prediction(probability)
+    members = [p.variants if p.variants is not None else p.probability for p in predictions]
+    return Prediction(probability, torch.stack(members, dim=1))  # [B, k, M, H, W]
+
+
+def member_variance(prediction: Prediction, weights: torch.Tensor) -> torch.Tensor | None:
+    """Voxel uncertainty [B, 1, H, W]: the weighted variance of the members' probabilities (the
+    variants of each support, or the supports themselves); 0 when they agree (K = 1, identical
+    variants, one support); None for a single support without variants."""
+    if prediction.variants is None:
+        return None
+    members = prediction.variants.float()  # [B, k, M, H, W]
+    w = (weights.float() / members.shape[2])[:, :, None, None, None]
+    mean = (w * members).sum(dim=(1, 2), keepdim=True)
+    return (w * (members - mean) ** 2).sum(dim=(1, 2))[:, None]
+
+
+def dissent(prediction: Prediction, weights: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per voxel [B, 1, H, W]: the weighted share of the members that vote against the majority's
+    decision (0: unanimous, 0.5: split evenly). Decisions, not probabilities: members at 0.45 and
+    0.55 disagree on the label although their variance is small."""
+    votes = (prediction.variants.float() >= threshold).float()  # [B, k, M, H, W]
+    w = (weights.float() / votes.shape[2])[:, :, None, None, None]
+    share = (w * votes).sum(dim=(1, 2))[:, None]
+    return torch.minimum(share, 1 - share)
+
+
+class SliceOutputs(NamedTuple):
+    """What :func:`segment_slices` gives, each [Q, ...] on the model's device; the last three only
+    where members can disagree (DPL's variants, several supports)."""
+
+    probability: torch.Tensor  # [Q, 1, H, W]
+    uncertainty: torch.Tensor | None = None  # [Q, 1, H, W] members' variance
+    confidence: torch.Tensor | None = None  # [Q]
+    dissent: torch.Tensor | None = None  # [Q, 1, H, W] see :func:`dissent`
+
+
+def slice_confidence(prediction: Prediction, uncertainty: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per slice: 1 - 4 x the mean variance where the result or any member says foreground (a
+    probability's variance is at most 1/4); 1 where none does."""
+    members = prediction.variants.flatten(1, 2) >= threshold
+    region = (prediction.probability >= threshold) | members.any(dim=1, keepdim=True)
+    area = region.flatten(1).sum(dim=1)
+    mean = (uncertainty * region).flatten(1).sum(dim=1) / area.clamp_min(1)
+    return torch.where(area > 0, 1 - 4 * mean, torch.ones_like(mean))
+
+
+def segment_slices(
+    model: OneShotModel,
+    support,
+    queries: torch.Tensor,
+    index: torch.Tensor,
+    batch_size: int,
+    progress: bool = False,
+    threshold: float = 0.5,
+    weights: torch.Tensor | None = None,
+) -> SliceOutputs:
+    """Query slices [Q, 1, H, W] on the model's device, each against support rows ``index`` [Q]
+    or its k serving ones [Q, k] combined with ``weights`` [Q, k] (:func:`serving_supports`; all k
+    weigh alike in the doubt), in batches that share the encoded support; nothing goes back to the
+    host per batch."""
+    if index.dim() == 1:
+        index = index[:, None]
+    if weights is None:
+        weights = torch.full(index.shape, 1.0 / index.shape[1], device=index.device)
+    starts = range(0, queries.shape[0], batch_size)
+    bar = tqdm(starts, desc="query slices", unit="batch", disable=not progress or len(starts) < 2)
+    outputs = []
+    for s in bar:
+        part = slice(s, s + batch_size)
+        predictions = model.predict_each(support, queries[part], index[part])
+        prediction = combine_supports(predictions, weights[part])
+        members = torch.full_like(weights[part], 1.0 / index.shape[1])  # every serving support doubts alike
+        uncertainty = member_variance(prediction, members)
+        if uncertainty is None:
+            outputs.append(SliceOutputs(prediction.probability.float()))
+            continue
+        confidence = slice_confidence(prediction, uncertainty, threshold)
+        outputs.append(
+            SliceOutputs(
+                prediction.probability.float(), uncertainty, confidence, dissent(prediction, members, threshold)
+            )
+        )
+    return SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs)))
+
+
+def _grouped(boxes: list[Box]) -> dict[Box, list[int]]:
+    """{box: the rows that have it}, in first-seen order."""
+    rows: dict[Box, list[int]] = {}
+    for row, box in enumerate(boxes):
+        rows.setdefault(box, []).append(row)
+    return rows
+
+
+@dataclass
+class Source:
+    """One support volume's part in one label: its normalised data, the label's drawn voxels, where
+    it is placed in the query, whether it is grounded (:mod:`sdfsmis.pipeline.grounding`) and, from another
+    volume, the box its drawing is carried to in the query and, for a complete drawing, the drawing
+    itself carried there (the atlas shape)."""
+
+    volume: SupportVolume
+    data: np.ndarray
+    drawn: np.ndarray
+    place: Placement
+    grounded: bool = False
+    carried: Box | None = None
+    carried_drawing: np.ndarray | None = None
+
+
+class VolumeSegmenter:
+    """Runs a one-shot model (:class:`~sdfsmis.methods.base.OneShotModel`) over volumes.
+    ``options`` gives the autocast precision (bf16 on CUDA by default); the model itself is
+    prepared with :func:`~sdfsmis.pipeline.acceleration.accelerate` where it is loaded."""
+
+    def __init__(
+        self,
+        model: OneShotModel,
+        config: InferenceConfig,
+        progress: bool = True,
+        options: InferenceOptions | None = None,
+    ):
+        self.model = model
+        self.config = config
+        self.progress = progress
+        self.options = options or InferenceOptions()
+
+    @property
+    def resolution(self) -> int:
+        return self.model.resolution
+
+    def _place(
+        self,
+        source: SupportVolume,
+        data: np.ndarray,
+        drawn: np.ndarray,
+        query: Volume,
+        query_data: np.ndarray,
+        registrations: dict[int, placement.Registration],
+    ) -> Source:
+        """Where ``source``'s annotation of one label lies in the query (:mod:`sdfsmis.pipeline.placement`)
+        and, grounded (:mod:`sdfsmis.pipeline.grounding`), the in-plane boxes segmented in both; a support
+        volume is registered once per query, for all of its labels."""
+        annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
+        depth = query_data.shape[2]
+        cfg = self.config
+        if source.is_query(query):
+            place = placement.same_volume(depth)
+            if not cfg.grounding:
+                return Source(source, data, drawn, place)
+            extent = int(annotated[-1] - annotated[0] + 1)
+            reach = max(int(np.ceil(cfg.z_margin * extent)), int(np.ceil(cfg.reach_mm / ras_spacing(query)[2])))
+            first, last = max(0, int(annotated[0]) - reach), min(depth - 1, int(annotated[-1]) + reach)
+            return Source(source, data, drawn, dataclasses.replace(place, first=first, last=last), grounded=True)
+        if cfg.placement != "registration":
+            return Source(source, data, drawn, placement.relative_position(annotated, data.shape[2], depth, cfg))
+        if id(source) not in registrations:
+            registrations[id(source)] = placement.register_volumes(source.image, data, query, query_data)
+        registration = registrations[id(source)]
+        place = placement.registered_position(registration, annotated, drawn, depth, cfg)
+        carried = grounding.carried_box(registration, drawn, query_data.shape, ras_spacing(query), *self._margins)
+        if not cfg.grounding or carried is None:
+            return Source(source, data, drawn, place)
+        drawing = None
+        complete = len(annotated) >= cfg.min_extent_slices and len(annotated) == annotated[-1] - annotated[0] + 1
+        if complete and cfg.shape_reach_mm > 0:  # every slice of the structure drawn: an atlas of it
+            drawing = placement.carried_drawing(registration, source.image, drawn, query)
+        return Source(
+            source, data, drawn, place, True, carried, drawing if drawing is not None and drawing.any() else None
+        )
+
+    @property
+    def _margins(self) -> tuple[float, float]:
+        return self.config.roi_margin_mm, self.config.roi_margin_share
+
+    def _boxes(self, source: Source, support_z: list[int], serving: Serving) -> tuple[list[Box], list[Box] | None]:
+        """The in-plane box of each support slice and of each query slice (None: the whole slice).
+        In the same volume each support slice's box is around its own drawing, and a query slice's
+        the union of those of the supports that decide it (a correction moves only the boxes between
+        its neighbours); from another volume, the whole drawing's box and the registered one."""
+        whole = Box.whole(source.data.shape)
+        if not source.grounded:
+            return [whole] * len(support_z), None
+        spacing = ras_spacing(source.volume.image)
+        if source.carried is not None:
+            return [grounding.box_around(source.drawn, spacing, *self._margins)] * len(support_z), [
+                source.carried
+            ] * len(serving.index)
+        own = [grounding.box_around(source.drawn[..., [z]], spacing, *self._margins) for z in support_z]
+        deciding = [
+            functools.reduce(Box.union, [own[i] for i, w in zip(row, weights) if w > 0])
+            for row, weights in zip(serving.index, serving.weights)
+        ]
+        return own, deciding
+
+    def _crops(self, data: np.ndarray, z: list[int] | np.ndarray, boxes: list[Box], mode: str = "bilinear"):
+        """Axial slices ``z`` of ``data``, each cropped to its box and resampled to the model's input
+        [N, 1, R, R] (slices sharing a box in one call), and each slice's grid for the way back."""
+        pad = -1.0 if mode == "bilinear" else 0.0
+        out = torch.empty((len(z), 1, self.resolution, self.resolution), dtype=torch.float32)
+        grids = [SliceGrid(b.x1 - b.x0, b.y1 - b.y0, self.resolution) for b in boxes]
+        for box, rows in _grouped(boxes).items():
+            grid = grids[rows[0]]
+            out[rows] = grid.to_model(axial_slices(data[box.index], np.asarray(z)[rows]), mode=mode, pad_value=pad)
+        return out.to(self.model.device), grids
+
+    def _segment_label(
+        self, sources: list[Source], query_image: np.ndarray, query_spacing: tuple[float, float, float]
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, LabelReport]:
+        """Probability, uncertainty and dissent maps (None where members cannot disagree) of one
+        label from every support volume that has it: each query slice against its serving support
+        slices of each volume (equal weight per volume), the support encoded once; only the query
+        slices and the in-plane box the sources place it in are segmented (zero elsewhere)."""
+        first = min(s.place.first for s in sources)
+        last = max(s.place.last for s in sources)
+        query_z = np.arange(first, last + 1)
+        images, masks, indices, weights, served, query_boxes = [], [], [], [], [], []
+        shape = None  # the drawn shape in the annotated volume itself (grounding.drawn_shape)
+        for source in sources:
+            data, drawn, place = source.data, source.drawn, source.place
+            annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
+            # in the same volume every drawn or corrected slice is a support (bounded); from another
+            # volume, a few spread over the structure (EP1)
+            same = place.rule == "same volume"
+            support_z = choose_support_slices(
+                annotated, self.config.max_volume_supports if same else self.config.max_supports
+            )
+            serving = serving_supports(place.position(query_z), support_z, self.config.supports_per_query)
+            if same and source.grounded and self.config.shape_reach_mm > 0:  # the query's own grid
+                shape = grounding.drawn_shape(drawn, support_z, query_z, serving.index, serving.weights, query_spacing)
+            indices.append(serving.index + sum(len(s.support_slices) for s in served))
+            weights.append(serving.weights / len(sources))
+            served.append(ServedBy(source.volume.name, support_z, place))
+            support_boxes, boxes = self._boxes(source, support_z, serving)
+            query_boxes.append(boxes)
+            images.append(self._crops(data, support_z, support_boxes)[0])
+            coverage = self._crops(drawn.astype(np.float32), support_z, support_boxes)[0]
+            mask = (coverage > 0.5).float()
+            thin = mask.flatten(1).sum(dim=1) == 0  # a structure thinner than a model pixel: keep any overlap
+            masks.append(torch.where(thin[:, None, None, None], (coverage > 0).float(), mask))
+        reach = self.config.shape_reach_mm
+        atlases = [s.carried_drawing for s in sources if s.carried_drawing is not None]
+        if shape is None and atlases:  # no drawing in the query itself: the mean of the carried ones
+            shape = sum(grounding.carried_shape(a, query_z, query_spacing) for a in atlases) / len(atlases)
+            reach = max(reach, CARRIED_REACH_PIXELS * max(query_spacing[:2]))
+        index, weight = (torch.from_numpy(np.concatenate(a, axis=1)).to(self.model.device) for a in (indices, weights))
+        whole = Box.whole(query_image.shape)
+        boxes = [
+            whole if any(b is None for b in per_source) else functools.reduce(Box.union, per_source)
+            for per_source in zip(*[b or [None] * len(query_z) for b in query_boxes])
+        ]
+        queries, grids = self._crops(query_image, query_z, boxes)  # one upload for the whole stack
+        with torch.inference_mode(), self.options.autocast(self.model.device):
+            support = self.model.encode_support(torch.cat(images), torch.cat(masks))
+            outputs = segment_slices(
+                self.model,
+                support,
+                queries,
+                index,
+                self.config.batch_size,
+                self.progress,
+                self.config.threshold,
+                weight,
+            )
+
+        def volume_of(slices: torch.Tensor) -> np.ndarray:
+            array = np.zeros(query_image.shape, dtype=np.float32)
+            for box, rows in _grouped(boxes).items():
+                pixels = grids[rows[0]].from_model(slices[rows].float()).cpu().numpy()[:, 0]
+                array[box.index + (query_z[rows],)] = np.moveaxis(pixels, 0, -1)
+            return array
+
+        def fused(slices: torch.Tensor) -> np.ndarray:
+            probability = volume_of(slices)
+            if shape is not None:
+                probability[..., query_z] = grounding.with_drawn_shape(
+                    probability[..., query_z], shape, reach, self.config.threshold
+                )
+            return probability
+
+        contour = None if shape is None else np.abs(shape) <= max(reach, *query_spacing[:2])
+
+        def within_reach(slices: torch.Tensor) -> np.ndarray:
+            """Uncertainty or dissent, kept only along the shape's contour (within the model's reach
+            of it, at least a pixel): elsewhere the shape decides, and the members' doubt there
+            changes nothing."""
+            doubt = volume_of(slices)
+            if contour is not None:
+                doubt[..., query_z] *= contour
+            return doubt
+
+        report = LabelReport(
+            support_slices=[z for s in served for z in s.support_slices],
+            query_slices=[int(z) for z in query_z],
+            served_by=served,
+        )
+        if outputs.confidence is None:
+            return fused(outputs.probability), None, None, report
+        uncertainty = within_reach(outputs.uncertainty)
+        confidence = outputs.confidence.cpu().numpy()
+        if contour is not None:  # as slice_confidence, over the contour the model can still move
+            area = contour.sum(axis=(0, 1))
+            doubt = uncertainty[..., query_z].sum(axis=(0, 1)) / np.maximum(area, 1)  # zero off the contour
+            confidence = np.where(area > 0, 1 - 4 * doubt, 1.0)
+        report.confidence = [round(float(c), 4) for c in confidence]
+        return fused(outputs.probability), uncertainty, within_reach(outputs.dissent), report
+
+    def segment(
+        self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
+    ) -> SegmentationResult:
+        """Segment ``query`` with each label of one support volume (see :meth:`segment_with`)."""
+        return self.segment_with([SupportVolume(support_image, support_label)], query, label_ids)
+
+    def segment_with(
+        self, supports: list[SupportVolume], query: Volume, label_ids: list[int] | None = None
+    ) -> SegmentationResult:
+        """Segment ``query`` with each label of the supports as its own 1-way task, merged.
+
+        A label is served by every support volume that has it. When a support is the query itself,
+        its annotated voxels are kept as drawn."""
+        started = time.perf_counter()
+        label_ids = select_supported_ids(supports, label_ids)
+        query_data = normalise_intensity(query.data, self.config.clip_percentiles)
+        normalised = [
+            query_data if s.is_query(query) else normalise_intensity(s.image.data, self.config.clip_percentiles)
+            for s in supports
+        ]
+
+        best = np.zeros(query.data.shape, dtype=np.float32)
+        labels = np.zeros(query.data.shape, dtype=np.int32)
+        result = SegmentationResult(labels)
+        registrations: dict[int, placement.Registration] = {}
+        for label_id in label_ids:
+            sources = [
+                self._place(source, data, source.label.data == label_id, query, query_data, registrations)
+                for source, data in zip(supports, normalised)
+                if (source.label.data == label_id).any()
+            ]
+            probability, uncertainty, disagreement, report = self._segment_label(
+                sources, query_data, ras_spacing(query)
+            )
+            mask = probability >= self.config.threshold
+            own = [s.drawn for s in sources if s.volume.is_query(query)]
+            if own and self.config.grounding:  # followed outwards only while it stays continuous
+                mask = grounding.where_it_ends(
+                    mask, np.flatnonzero(own[0].any(axis=(0, 1))), self.config.end_continuity
+                )
+            if self.config.largest_component:
+                mask = keep_consistent_components(mask, own[0] if own else None)
+            if own:
+                drawn = own[0]
+                annotated = drawn.any(axis=(0, 1))
+                mask[..., annotated] = drawn[..., annotated]
+                probability[drawn] = 1.0
+                if uncertainty is not None:  # drawn slices are certain
+                    uncertainty[..., annotated] = 0.0
+                    disagreement[..., annotated] = 0.0
+                    report.confidence = [
+                        1.0 if annotated[z] else c for z, c in zip(report.query_slices, report.confidence)
+                    ]
+            if uncertainty is not None:
+                result.uncertainty = (
+                    uncertainty if result.uncertainty is None else np.maximum(result.uncertainty, uncertainty)
+                )
+                result.review[label_id] = disagreement >= self.config.review_dissent
+            win = mask & (probability > best)
+            labels[win] = label_id
+            best[win] = probability[win]
+            result.reports[label_id] = report
+        for label_id, report in result.reports.items():
+            report.voxels = int((labels == label_id).sum())
+        result.seconds = time.perf_counter() - started
+        return result

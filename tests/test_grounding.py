@@ -209,6 +209,6 @@ def test_another_patients_drawing_is_carried_to_where_the_structure_is(tiny_back
     found = result.labels == 1
     dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
     assert dice > 0.8, dice
-    assert 0.8 < found.sum() / truth.sum() < 1.25
+    assert 0.5 < found.sum() / truth.sum() < 2.0  # the bound for every structure
     first, last = np.flatnonzero(truth.any(axis=(0, 1)))[[0, -1]]
     assert not found[..., : first - 1].any() and not found[..., last + 2 :].any()

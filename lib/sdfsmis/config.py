@@ -30,6 +30,7 @@ class InferenceConfig:
     reach_mm: float = 10.0  # same volume: the least reach beyond the outermost drawn slices
     end_continuity: float = 0.3  # beyond them, a slice with less than this share of its neighbour's area ends it
     shape_reach_mm: float = 2.0  # same volume: how far the model may move the drawn shape's contour (0: model alone)
+    carried_reach_mm: float = 10.0  # another patient's drawing carried by the registration: a soft prior
 
 
 @dataclass

@@ -16,6 +16,16 @@ def _ids(text: str | None) -> list[int] | None:
     return [int(k) for k in text.split(",")] if text else None
 
 
+RESAMPLE_HELP = (
+    "resample every volume to this slice thickness in mm (default: the recipe's: CHAOS 7.70, Synapse and folder "
+    "untouched); images low-pass filtered when slices get thicker, labels nearest"
+)
+THICKNESS_HELP = (
+    "slice thickness in mm: the same patients over the same field of view, sliced thinner or thicker "
+    "(default: chaos 8, synapse 6)"
+)
+
+
 def _fold_weights_help(method: str) -> str:
     if method == DEFAULT_METHOD:
         return (
@@ -158,13 +168,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("--labels", default=None, help="class ids to test (folder: required; default: protocol's)")
     prepare.add_argument("--supervoxel-min-size", type=int, default=5000, help="voxels (protocol: 5000)")
     prepare.add_argument("--limit", type=int, default=None, help="prepare only the first N cases")
-    prepare.add_argument(
-        "--slice-spacing",
-        type=float,
-        default=None,
-        help="resample every volume to this slice thickness in mm (default: the recipe's: CHAOS 7.70, "
-        "Synapse and folder untouched); images low-pass filtered when slices get thicker, labels nearest",
-    )
+    prepare.add_argument("--slice-spacing", type=float, default=None, help=RESAMPLE_HELP)
     prepare.set_defaults(run=cmd_prepare)
 
     raw = commands.add_parser("sample-raw", help="generated look-alike raw data in the CHAOS / Synapse layouts")
@@ -172,13 +176,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     raw.add_argument("dir", type=Path)
     raw.add_argument("--patients", type=int, default=10)
     raw.add_argument("--seed", type=int, default=None, help="first patient's seed (default: chaos 100, synapse 200)")
-    raw.add_argument(
-        "--slice-spacing",
-        type=float,
-        default=None,
-        help="slice thickness in mm: the same patients over the same field of view, sliced thinner or thicker "
-        "(default: chaos 8, synapse 6)",
-    )
+    raw.add_argument("--slice-spacing", type=float, default=None, help=THICKNESS_HELP)
     raw.set_defaults(run=cmd_sample_raw)
 
     loop = commands.add_parser(

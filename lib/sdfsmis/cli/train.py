@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sdfsmis.cli.common import device
 from sdfsmis.io.backbone import DEFAULT_BACKBONE
+from sdfsmis.io.manifest import write_manifest
 from sdfsmis.methods import DEFAULT_METHOD, METHODS
 
 
@@ -51,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             from sdfsmis.figures.curves import plot_training_curves
 
             summary["training_curves"] = str(plot_training_curves(run.output))
+        summary["manifest"] = str(write_manifest(run.output, f"sdfsmis train --method {args.method}"))
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
 
 

@@ -1,7 +1,7 @@
 """The methods the harness compares. Each wraps an object with the one-shot interface of
 :class:`sdfsmis.methods.base.OneShotModel` (``encode_support`` / ``predict`` -> ``Prediction``,
-``resolution``, ``device``): every method of the registry and its ablations (loaded with
-:func:`sdfsmis.methods.load_model`) or a training-free baseline, plus the paper protocol's decision
+``resolution``, ``device``): every method of the registry and its ablations (loaded by
+:class:`sdfsmis.pipeline.predictor.Predictor`) or a training-free baseline, plus the paper protocol's decision
 rule of that method. The nearest-slice copy (``nearest-slice``) has no model: it is the floor of
 same-volume propagation and runs only under that protocol."""
 
@@ -16,8 +16,9 @@ from typing import Any
 from sdfsmis.evaluation.baselines import PrototypeMatcher, RegistrationPropagation
 from sdfsmis.evaluation.interpolation import SliceInterpolation
 from sdfsmis.evaluation.nearest_slice import NearestSliceCopy
-from sdfsmis.methods import DEFAULT_METHOD, OneShotModel, load_model, weights_key
+from sdfsmis.methods import DEFAULT_METHOD, OneShotModel, weights_key
 from sdfsmis.methods import METHODS as MODELS
+from sdfsmis.pipeline.predictor import Predictor
 
 #: The model rows: every method of the registry and each of its ablations (variants changed
 #: after loading the same fold weights) -> (method, ablation or None).
@@ -108,7 +109,8 @@ class MethodFactory:
         if self._base is None or self._base[:2] != (method, checkpoint):
             self._base = None
             config = copy.deepcopy(self.config)  # each model changes its own section (ablations)
-            self._base = (method, checkpoint, load_model(method, self.backbone, config, checkpoint, self.device).eval())
+            predictor = Predictor.from_pretrained(method, self.backbone, config, checkpoint, self.device)
+            self._base = (method, checkpoint, predictor.model)  # loaded and prepared as the product serves it
         model = self._base[2] if ablation is None else self._base[2].ablated(ablation)
         title = MODELS[method].title if ablation is None else MODELS[method].ablations[ablation]
         untrained = "" if checkpoint else " (untrained)"

@@ -20,6 +20,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import Dinov2Model
 
+from sdfsmis.io.manifest import write_manifest
+
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DINOV2_HUB_ID = "facebook/dinov2-small"
 DEFAULT_BACKBONE = "default"
@@ -159,4 +161,5 @@ def download_backbone(directory: Path, preset: Path, fp16: bool = False) -> Path
         DINOV2_HUB_ID, local_dir=directory / "dinov2", allow_patterns=["config.json", "model.safetensors"]
     )
     shutil.copyfile(preset, directory / BACKBONE_PRESET_FILE)
+    write_manifest(directory, f"{SD15_HUB_ID} (vae, unet{', fp16' if fp16 else ''}) + {DINOV2_HUB_ID}", "main")
     return directory

@@ -61,10 +61,6 @@ class LabelReport:
 REVIEW_ID_OFFSET = 100
 #: The largest id OHIF can show: it reads the result as a uint8 labelmap.
 MAX_REVIEW_ID = 255
-#: How far (in query pixels, at least) the model may move another patient's drawing carried by the
-#: registration: a similarity transform only approximates that patient's shape, and a reach under
-#: a pixel would leave the model nothing to decide (a boundary pixel lies a pixel from the contour).
-CARRIED_REACH_PIXELS = 1.5
 
 
 def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
@@ -489,7 +485,7 @@ class VolumeSegmenter:
         atlases = [s.carried_drawing for s in sources if s.carried_drawing is not None]
         if shape is None and atlases:  # no drawing in the query itself: the mean of the carried ones
             shape = sum(grounding.carried_shape(a, query_z, query_spacing) for a in atlases) / len(atlases)
-            reach = max(reach, CARRIED_REACH_PIXELS * max(query_spacing[:2]))
+            reach = max(reach, self.config.carried_reach_mm)
         index, weight = (torch.from_numpy(np.concatenate(a, axis=1)).to(self.model.device) for a in (indices, weights))
         whole = Box.whole(query_image.shape)
         boxes = [

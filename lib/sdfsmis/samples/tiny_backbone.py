@@ -14,6 +14,9 @@ from transformers import Dinov2Config, Dinov2Model
 from sdfsmis.io.backbone import BACKBONE_PRESET_FILE
 from sdfsmis.settings import PRESET_DIR, load_config
 
+#: Backbone shape -> the preset section that holds its architecture (in the preset of that name).
+SHAPES = {"tiny": "tiny_backbone", "sd15": "sd15_backbone"}
+
 
 def build_backbone(shapes: dict, seed: int | None = None) -> tuple[AutoencoderKL, UNet2DConditionModel, Dinov2Model]:
     """A randomly initialised backbone from architecture settings (a ``*_backbone`` preset
@@ -24,11 +27,15 @@ def build_backbone(shapes: dict, seed: int | None = None) -> tuple[AutoencoderKL
     return vae, unet, Dinov2Model(Dinov2Config(**shapes["dinov2"]))
 
 
-def make_tiny_backbone(directory: Path, seed: int | None = None) -> Path:
-    """Write a tiny randomly initialised backbone in exactly the real layout, built from the
-    ``tiny_backbone`` section of ``configs/tiny.yaml`` and saved with ``save_pretrained``."""
-    preset = PRESET_DIR / "tiny.yaml"
-    vae, unet, dinov2 = build_backbone(load_config(preset).tiny_backbone, seed)
+def make_tiny_backbone(directory: Path, seed: int | None = None, shape: str = "tiny") -> Path:
+    """Write a randomly initialised backbone in exactly the real layout, saved with
+    ``save_pretrained``: ``tiny`` from the ``tiny_backbone`` section of ``configs/tiny.yaml`` (tests,
+    demos), ``sd15`` at the real shapes from ``sd15_backbone`` (every full-size code path on a
+    machine without the real weights). The preset is copied beside it as the folder's settings."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown backbone shape {shape!r}: use one of {', '.join(SHAPES)}")
+    preset = PRESET_DIR / f"{shape}.yaml"
+    vae, unet, dinov2 = build_backbone(getattr(load_config(preset), SHAPES[shape]), seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(directory / "vae", safe_serialization=True)

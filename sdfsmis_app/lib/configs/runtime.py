@@ -4,6 +4,7 @@ checkpoint without a restart that never swaps weights under an inference in flig
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -13,11 +14,13 @@ import torch
 
 from lib.server.concurrency import InferenceGate
 from sdfsmis.io.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
+from sdfsmis.io.manifest import manifest_identity
 from sdfsmis.methods import DEFAULT_METHOD, METHODS, method_class, weights_key
 from sdfsmis.pipeline.predictor import Predictor
 from sdfsmis.pipeline.segmenter import VolumeSegmenter
 from sdfsmis.settings import Settings, load_config
 
+logger = logging.getLogger(__name__)
 TRUE = {"1", "true", "yes", "on"}
 
 
@@ -134,7 +137,14 @@ class ModelRuntime:
             "trained": self._checkpoint_stamp() is not None,
             "device": self.settings.device,
             "loaded": self._predictor is not None,
+            "weights": self.weights_identity(),
         }
+
+    def weights_identity(self) -> dict | None:
+        """The backbone folder's manifest (source, revision, its digest); None for hub ids or a
+        folder without one (weights copied in by hand should come with it: ``sdfsmis verify``)."""
+        spec = self.settings.backbone
+        return None if spec == DEFAULT_BACKBONE else manifest_identity(spec)
 
     def segmenter(self) -> tuple[VolumeSegmenter, bool]:
         """The loaded model (loaded once; a newer checkpoint is picked up) and whether it is trained."""
@@ -146,6 +156,7 @@ class ModelRuntime:
                     self._predictor = Predictor.from_pretrained(
                         self.method, self.settings.backbone, config, device=self.settings.device
                     )
+                    logger.info(f"{self.title}: backbone {self.settings.backbone}, weights {self.weights_identity()}")
                 except Exception as error:  # noqa: BLE001 - corrupt files raise many types; none can serve
                     raise ModelUnavailable(
                         f"{self.title}: backbone {self.settings.backbone} cannot be loaded: {error}"

@@ -43,6 +43,11 @@ class BackboneNotFoundError(FileNotFoundError):
     """The backbone weights are not where they were asked for; the message names the fix."""
 
 
+class BackboneDownloadError(BackboneNotFoundError):
+    """A download did not bring every file whole: the message names the files (the hub client
+    alone names at most the last 40 characters of one URL, and lets a corrupted file through)."""
+
+
 @dataclass(frozen=True)
 class BackboneSource:
     """Where each part comes from: a local folder or a hub repository (+ subfolder)."""
@@ -144,22 +149,47 @@ def load_dinov2(source: BackboneSource, dtype: torch.dtype = torch.float32) -> D
         ) from error
 
 
+def _fetch(repo_id: str, local_dir: Path, files: list[str]) -> None:
+    """Download ``files`` of ``repo_id`` into ``local_dir``, then check each against the hub's own
+    checksum (sha256 for LFS weights, git sha1 otherwise): the client checks only sizes, so a file
+    changed in transit would otherwise land silently and go into the manifest as if it were right.
+    A changed file is deleted, so that running the download again fetches it anew."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_dir=local_dir, allow_patterns=files)
+        check = HfApi().verify_repo_checksums(repo_id, local_dir=local_dir)
+    except OSError as error:
+        absent = [name for name in files if not (local_dir / name).is_file()]
+        raise BackboneDownloadError(
+            f"downloading {repo_id} into {local_dir} failed ({', '.join(absent) or 'no file'} not received "
+            f"whole): {str(error).rstrip('.')}. Run `sdfsmis download` again; the files already received are kept."
+        ) from error
+    changed = sorted(mismatch["path"] for mismatch in check.mismatches if mismatch["path"] in files)
+    for name in changed:
+        (local_dir / name).unlink()
+    if changed:
+        raise BackboneDownloadError(
+            f"downloaded {repo_id} file(s) {', '.join(changed)} in {local_dir} differ from the hub's checksum "
+            "(corrupted in transit) and were deleted. Run `sdfsmis download` again."
+        )
+
+
 def download_backbone(directory: Path, preset: Path, fp16: bool = False) -> Path:
     """Fetch SD v1.5 (vae, unet) and DINOv2-small into the backbone layout (needs internet), with
     the settings ``preset`` it is run with."""
-    from huggingface_hub import snapshot_download
-
     directory = Path(directory)
     variant = "fp16." if fp16 else ""
-    snapshot_download(
+    _fetch(
         SD15_HUB_ID,
-        local_dir=directory,
-        allow_patterns=[f"{part}/config.json" for part in ("vae", "unet")]
-        + [f"vae/diffusion_pytorch_model.{variant}safetensors", f"unet/diffusion_pytorch_model.{variant}safetensors"],
+        directory,
+        [
+            f"{part}/{name}"
+            for part in ("vae", "unet")
+            for name in ("config.json", f"diffusion_pytorch_model.{variant}safetensors")
+        ],
     )
-    snapshot_download(
-        DINOV2_HUB_ID, local_dir=directory / "dinov2", allow_patterns=["config.json", "model.safetensors"]
-    )
+    _fetch(DINOV2_HUB_ID, directory / "dinov2", ["config.json", "model.safetensors"])
     shutil.copyfile(preset, directory / BACKBONE_PRESET_FILE)
     write_manifest(directory, f"{SD15_HUB_ID} (vae, unet{', fp16' if fp16 else ''}) + {DINOV2_HUB_ID}", "main")
     return directory

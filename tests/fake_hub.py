@@ -10,7 +10,7 @@
   ``http_get`` resumes after a dropped connection.
 
 Faults, per ``repo/path``, reproduce what a real network or mirror does to a file: ``drop_once``
-(the first GET sends half the bytes then closes the connection), ``truncate`` (the metadata
+(the first GET sends all but the last 64 KiB, then closes the connection), ``truncate`` (the metadata
 announces the whole file, the body is shorter, as a mirror holding a partial copy serves it) and
 ``corrupt`` (same size, one byte changed). Every request is recorded for the tests to assert on."""
 
@@ -154,8 +154,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             with lock:
                 drop = fault == "drop_once" and key not in dropped
                 dropped.add(key)
-            if drop:  # half the announced bytes, then the connection goes away
-                self.wfile.write(sent[: len(sent) // 2])
+            if drop:  # all but the last 64 KiB of the announced bytes, then the connection goes away
+                self.wfile.write(sent[: max(len(sent) - 2**16, 0)])
                 self.wfile.flush()
                 self.close_connection = True
                 return

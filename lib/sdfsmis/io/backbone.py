@@ -162,7 +162,7 @@ def _fetch(repo_id: str, local_dir: Path, files: list[str]) -> None:
     except OSError as error:
         absent = [name for name in files if not (local_dir / name).is_file()]
         raise BackboneDownloadError(
-            f"downloading {repo_id} into {local_dir} failed ({', '.join(absent) or 'no file'} not received "
+            f"downloading {repo_id} into {local_dir} failed ({', '.join(absent) or 'a file'} not received "
             f"whole): {str(error).rstrip('.')}. Run `sdfsmis download` again; the files already received are kept."
         ) from error
     changed = sorted(mismatch["path"] for mismatch in check.mismatches if mismatch["path"] in files)

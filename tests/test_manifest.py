@@ -15,6 +15,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 
 from app_server import monailabel_server
+from sdfsmis.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -29,6 +30,18 @@ def made(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("manifest") / "tiny"
     assert sdfsmis("make-tiny", str(folder)).returncode == 0
     return folder
+
+
+def verify(folder: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """``sdfsmis verify FOLDER`` through the command's own entry point, in this process (the command
+    reads files only): its exit status and what it wrote to stderr."""
+    capsys.readouterr()
+    try:
+        main(["verify", str(folder)])
+        status = 0
+    except SystemExit as error:
+        status = error.code if isinstance(error.code, int) else 1
+    return status, capsys.readouterr().err
 
 
 def copy_of(folder: Path, tmp_path: Path) -> Path:
@@ -48,34 +61,34 @@ def test_the_manifest_lists_every_weights_file_with_its_digest(made):
     assert "make-tiny" in manifest["source"]
 
 
-def test_verify_passes_on_a_copy_and_names_the_file_one_changed_byte_breaks(made, tmp_path):
+def test_verify_passes_on_a_copy_and_names_the_file_one_changed_byte_breaks(made, tmp_path, capsys):
     copy = copy_of(made, tmp_path)
-    passed = sdfsmis("verify", str(copy))
-    assert passed.returncode == 0, passed.stderr
+    status, errors = verify(copy, capsys)
+    assert status == 0, errors
     weights = copy / "dinov2" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit, same size: only the digest can tell
     weights.write_bytes(bytes(data))
-    failed = sdfsmis("verify", str(copy))
-    assert failed.returncode == 1
-    assert "dinov2/model.safetensors" in failed.stderr and "sha256" in failed.stderr
-    assert "unet/" not in failed.stderr  # only the file that differs is named
+    status, errors = verify(copy, capsys)
+    assert status == 1
+    assert "dinov2/model.safetensors" in errors and "sha256" in errors
+    assert "unet/" not in errors  # only the file that differs is named
 
 
-def test_verify_names_missing_and_unlisted_files(made, tmp_path):
+def test_verify_names_missing_and_unlisted_files(made, tmp_path, capsys):
     copy = copy_of(made, tmp_path)
     (copy / "vae" / "config.json").unlink()
     (copy / "unet" / "extra.bin").write_bytes(b"x")
-    failed = sdfsmis("verify", str(copy))
-    assert failed.returncode == 1
-    assert "vae/config.json: missing" in failed.stderr and "unet/extra.bin: not in the manifest" in failed.stderr
+    status, errors = verify(copy, capsys)
+    assert status == 1
+    assert "vae/config.json: missing" in errors and "unet/extra.bin: not in the manifest" in errors
 
 
-def test_verify_without_a_manifest_fails_and_says_so(made, tmp_path):
+def test_verify_without_a_manifest_fails_and_says_so(made, tmp_path, capsys):
     copy = copy_of(made, tmp_path)
     (copy / "manifest.json").unlink()
-    failed = sdfsmis("verify", str(copy))
-    assert failed.returncode == 1 and "no manifest" in failed.stderr
+    status, errors = verify(copy, capsys)
+    assert status == 1 and "no manifest" in errors
 
 
 def test_info_shows_the_served_weights_identity(made, tmp_path):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from sdfsmis.methods import METHODS, weights_key
+from sdfsmis.methods import METHODS, weights_key, weights_option
 
 
 def device(name: str) -> str:
@@ -20,8 +20,7 @@ def device(name: str) -> str:
 def add_weights_options(parser: argparse.ArgumentParser, more_help: Callable[[str], str]) -> None:
     """One weights option per method of the registry (``--checkpoint``, ``--dpl-checkpoint``, ...)."""
     for name, method in METHODS.items():
-        option = "--" + weights_key(name).replace("_", "-")
-        parser.add_argument(option, default=None, help=f"{method.title} weights{more_help(name)}")
+        parser.add_argument(weights_option(name), default=None, help=f"{method.title} weights{more_help(name)}")
 
 
 def checkpoints(args: argparse.Namespace) -> dict[str, str | None]:

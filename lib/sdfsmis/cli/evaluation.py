@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from sdfsmis.cli.common import add_weights_options, checkpoints
-from sdfsmis.methods import DEFAULT_METHOD, DPL, weights_key
+from sdfsmis.methods import DEFAULT_METHOD, DPL, weights_key, weights_option
 from sdfsmis.methods import METHODS as MODELS
 
 
@@ -154,7 +154,7 @@ def cmd_evaluate_loop(args: argparse.Namespace) -> None:
     segmenters = {}
     for method in args.method.split(","):
         if weights.get(method) is None:
-            raise SystemExit(f"error: --method {method} needs its weights (--{weights_key(method).replace('_', '-')})")
+            raise SystemExit(f"error: --method {method} needs its weights ({weights_option(method)})")
         predictor = Predictor.from_pretrained(method, args.backbone, config, weights[method])
         segmenters[method] = predictor.segmenter(progress=False)
     print(run(dataset, segmenters, config, args.output, args.pairs, queries))

@@ -16,7 +16,7 @@ from typing import Any
 from sdfsmis.evaluation.baselines import PrototypeMatcher, RegistrationPropagation
 from sdfsmis.evaluation.interpolation import SliceInterpolation
 from sdfsmis.evaluation.nearest_slice import NearestSliceCopy
-from sdfsmis.methods import DEFAULT_METHOD, OneShotModel, weights_key
+from sdfsmis.methods import DEFAULT_METHOD, OneShotModel, weights_option
 from sdfsmis.methods import METHODS as MODELS
 from sdfsmis.pipeline.predictor import Predictor
 
@@ -101,7 +101,7 @@ class MethodFactory:
         self._loaded = None  # in memory: the current row's model, and the fold's model for its ablations
         if self.backbone is None:
             raise ValueError(f"method {key} needs --backbone")
-        option = "--" + weights_key(method).replace("_", "-")
+        option = weights_option(method)
         if checkpoint is None:
             print(f"WARNING: no {option}: {key} is untrained, its scores are a floor", file=sys.stderr)
         elif not checkpoint.exists():

@@ -18,7 +18,7 @@ DEFAULT_METHOD = SDFSMIS.method  # the CLI's default and the app's first model
 
 __all__ = [
     "DEFAULT_METHOD", "DPL", "METHODS", "SDFSMIS", "OneShotModel", "Prediction", "load_model", "method_class",
-    "weights_key",
+    "weights_key", "weights_option",
 ]  # fmt: skip
 
 
@@ -33,6 +33,11 @@ def weights_key(method: str) -> str:
     before there were two), ``<method>_checkpoint`` for the others; the app's ``--conf`` key, and
     the commands' option with dashes (``--checkpoint``, ``--dpl-checkpoint``)."""
     return "checkpoint" if method == DEFAULT_METHOD else f"{method}_checkpoint"
+
+
+def weights_option(method: str) -> str:
+    """The commands' option for a method's weights: :func:`weights_key` with dashes."""
+    return "--" + weights_key(method).replace("_", "-")
 
 
 def load_model(method: str, backbone: str | Path | None, settings: Any, *args: Any, **kwargs: Any) -> OneShotModel:

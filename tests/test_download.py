@@ -134,6 +134,9 @@ def test_download_through_the_hub_then_verify_load_and_segment(repos, tmp_path):
     unet = next(entry for entry in manifest["files"] if entry["path"] == f"unet/{WEIGHTS}")
     assert unet["sha256"] == hashlib.sha256(repos[SD15_HUB_ID][f"unet/{WEIGHTS}"]).hexdigest()
     assert SD15_HUB_ID in manifest["source"] and DINOV2_HUB_ID in manifest["source"]
+    # the commit the files were taken at, not a branch name that moves
+    commits = f"{SD15_HUB_ID}@{hub.commit(SD15_HUB_ID)} {DINOV2_HUB_ID}@{hub.commit(DINOV2_HUB_ID)}"
+    assert manifest["revision"] == commits
     main(["verify", str(directory)])  # raises SystemExit(1) on any difference
 
     # the downloaded folder segments: DPL through `sdfsmis infer`, SD-FSMIS loaded with its weights
@@ -156,6 +159,19 @@ def test_download_through_the_hub_then_verify_load_and_segment(repos, tmp_path):
     served = load_file(directory / "unet" / WEIGHTS)
     for name, value in model.unet.state_dict().items():
         torch.testing.assert_close(value, served[name], rtol=0, atol=0)
+
+    # and trains: SD-FSMIS fine-tunes the downloaded UNet (two steps) into a checkpoint with a manifest
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    write_nifti(studies / "case_000.nii.gz", image, affine)
+    train = subprocess.run(
+        [sys.executable, "-m", "sdfsmis.cli", "train", "--method", "sdfsmis", "--config", "tiny", "--backbone",
+         str(directory), "--images", str(studies), "--output", str(tmp_path / "trained"), "--iterations", "2",
+         "--batch-size", "1", "--validate-every", "1000"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    main(["verify", str(tmp_path / "trained")])
 
 
 def test_fp16_takes_the_variant_files(repos, tmp_path):

@@ -208,7 +208,8 @@ def training_sampler(config: Settings) -> EpisodeSampler:
 def time_our_training(
     model: OneShotModel, sampler: EpisodeSampler, config: Settings, args: argparse.Namespace
 ) -> tuple[float, float]:
-    """Seconds for ``--train-steps`` of our steps after warm-up, and the peak memory in GB."""
+    """Seconds for ``--train-steps`` of our steps (``--train-batch-size`` episodes each) after warm-up,
+    and the peak memory in GB."""
     from sdfsmis.training.trainer import (
         EpisodeLoss,
         EpisodeStream,
@@ -223,7 +224,9 @@ def time_our_training(
         model.unet.enable_gradient_checkpointing()
     optimizer, loss_module = make_optimizer(model, cfg), EpisodeLoss(model)
     total = args.warmup_steps + args.train_steps
-    loader = iter(episode_loader(EpisodeStream(sampler, 1), 0, total, args.workers, pin=device.type == "cuda"))
+    loader = iter(
+        episode_loader(EpisodeStream(sampler, args.train_batch_size), 0, total, args.workers, pin=device.type == "cuda")
+    )
 
     def steps(iterations: range) -> torch.Tensor:
         losses = [

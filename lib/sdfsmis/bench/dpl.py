@@ -121,8 +121,8 @@ def bench_dpl_inference(
 
 
 def bench_dpl_training(model: DPL, config: Settings, args: argparse.Namespace) -> dict:
-    """Iterations per second of DPL's training step (:func:`~sdfsmis.training.trainer.train_step`, batch 1,
-    episodes from DataLoader workers, as ``sdfsmis train --method dpl`` runs it)."""
+    """Iterations per second of DPL's training step (:func:`~sdfsmis.training.trainer.train_step`,
+    ``--train-batch-size`` episodes from DataLoader workers, as ``sdfsmis train --method dpl`` runs it)."""
     model.train()
     seconds, peak = time_our_training(model, training_sampler(config), config, args)
     return {
@@ -130,6 +130,7 @@ def bench_dpl_training(model: DPL, config: Settings, args: argparse.Namespace) -
         "dpl_train_peak_memory_gb": round(peak, 3),
         "peak_memory_kind": "cuda max allocated" if model.device.type == "cuda" else "process max RSS",
         "train_steps": args.train_steps,
+        "train_batch_size": args.train_batch_size,
         "workers": args.workers,
     }
 
@@ -227,7 +228,7 @@ def format_dpl_table(result: dict) -> str:
     ]
     if "dpl_it_per_s" in result:
         rows += [
-            ("train DPL it/s", f"{result['dpl_it_per_s']:.4f}"),
+            (f"train DPL it/s (batch {result['train_batch_size']})", f"{result['dpl_it_per_s']:.4f}"),
             ("peak memory", f"{result['dpl_train_peak_memory_gb']:.2f} GB ({result['peak_memory_kind']})"),
         ]
     return table(rows)

@@ -149,16 +149,18 @@ def load_dinov2(source: BackboneSource, dtype: torch.dtype = torch.float32) -> D
         ) from error
 
 
-def _fetch(repo_id: str, local_dir: Path, files: list[str]) -> None:
+def _fetch(repo_id: str, local_dir: Path, files: list[str]) -> str:
     """Download ``files`` of ``repo_id`` into ``local_dir``, then check each against the hub's own
     checksum (sha256 for LFS weights, git sha1 otherwise): the client checks only sizes, so a file
     changed in transit would otherwise land silently and go into the manifest as if it were right.
-    A changed file is deleted, so that running the download again fetches it anew."""
+    A changed file is deleted, so that running the download again fetches it anew. The files are
+    taken at one commit, resolved first and returned, so that the manifest names what arrived."""
     from huggingface_hub import HfApi, snapshot_download
 
     try:
-        snapshot_download(repo_id, local_dir=local_dir, allow_patterns=files)
-        check = HfApi().verify_repo_checksums(repo_id, local_dir=local_dir)
+        commit = HfApi().model_info(repo_id, revision="main").sha
+        snapshot_download(repo_id, revision=commit, local_dir=local_dir, allow_patterns=files)
+        check = HfApi().verify_repo_checksums(repo_id, revision=commit, local_dir=local_dir)
     except OSError as error:
         absent = [name for name in files if not (local_dir / name).is_file()]
         raise BackboneDownloadError(
@@ -173,6 +175,7 @@ def _fetch(repo_id: str, local_dir: Path, files: list[str]) -> None:
             f"downloaded {repo_id} file(s) {', '.join(changed)} in {local_dir} differ from the hub's checksum "
             "(corrupted in transit) and were deleted. Run `sdfsmis download` again."
         )
+    return commit
 
 
 def download_backbone(directory: Path, preset: Path, fp16: bool = False) -> Path:
@@ -180,7 +183,7 @@ def download_backbone(directory: Path, preset: Path, fp16: bool = False) -> Path
     the settings ``preset`` it is run with."""
     directory = Path(directory)
     variant = "fp16." if fp16 else ""
-    _fetch(
+    sd_commit = _fetch(
         SD15_HUB_ID,
         directory,
         [
@@ -189,7 +192,11 @@ def download_backbone(directory: Path, preset: Path, fp16: bool = False) -> Path
             for name in ("config.json", f"diffusion_pytorch_model.{variant}safetensors")
         ],
     )
-    _fetch(DINOV2_HUB_ID, directory / "dinov2", ["config.json", "model.safetensors"])
+    dino_commit = _fetch(DINOV2_HUB_ID, directory / "dinov2", ["config.json", "model.safetensors"])
     shutil.copyfile(preset, directory / BACKBONE_PRESET_FILE)
-    write_manifest(directory, f"{SD15_HUB_ID} (vae, unet{', fp16' if fp16 else ''}) + {DINOV2_HUB_ID}", "main")
+    write_manifest(
+        directory,
+        f"{SD15_HUB_ID} (vae, unet{', fp16' if fp16 else ''}) + {DINOV2_HUB_ID}",
+        f"{SD15_HUB_ID}@{sd_commit} {DINOV2_HUB_ID}@{dino_commit}",
+    )
     return directory

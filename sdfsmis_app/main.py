@@ -16,7 +16,10 @@ import torch
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
 
+import lib.activelearning
 import lib.configs
 import lib.infers
 import lib.server.auth
@@ -86,6 +89,11 @@ class SDFSMISApp(MONAILabelApp):
         for method in self.runtimes:
             if method in info["models"]:
                 info["models"][method][method]["inferences"] = self.gate.status()
+        # Slicer and OHIF draw their training bar from the first trainer's stats: the running one,
+        # else the one started last
+        stats = info.get("train_stats") or {}
+        order = sorted(stats, key=lambda name: (stats[name].get("status") == "RUNNING", stats[name].get("start_ts", 0)))
+        info["train_stats"] = {name: stats[name] for name in reversed(order)}
         return info
 
     def infer(self, request, datastore=None):
@@ -101,6 +109,11 @@ class SDFSMISApp(MONAILabelApp):
 
     def init_trainers(self) -> dict:
         return {method: lib.trainers.OneShotTrain(runtime) for method, runtime in self.runtimes.items()}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        """MONAI Label's own (``random``, and ``first`` that Slicer's users know) and ``doubt``: the
+        studies never segmented, then the least confident last results (``lib.activelearning.doubt``)."""
+        return {**super().init_strategies(), "first": First(), "doubt": lib.activelearning.Doubt()}
 
     def batch_infer(self, request, datastore=None):
         # MONAI Label spreads batch requests over all GPUs by default: none on a CPU server

@@ -93,6 +93,14 @@ def test_submit_then_infer_dpl_on_another_image_with_review_slices(server, tmp_p
         confidence = {int(z): c for z, c in params["confidence"][name].items()}
         assert confidence and all(0 <= z < depth and 0.0 <= c <= 1.0 for z, c in confidence.items())
         assert_lowest_confidence_first(params["review_slices"][name], confidence)
+    # where the time went, stage by stage (the server logs each as it ends)
+    assert {"load model", "read", "prepare", "placement", "model", "post-processing", "write"} <= set(params["stages"])
+    assert sum(params["stages"].values()) <= params["seconds"] + 0.01
+    # the same request again: the server kept what it computed, and answers the same voxels
+    again, repeated = client.infer("dpl", "case_001", {"support": "case_000"})
+    np.testing.assert_array_equal(np.asarray(nib.load(again).dataobj), np.asarray(out.dataobj))
+    assert min(params["slices_computed"].values()) > 0 and set(repeated["slices_computed"].values()) == {0}
+    assert repeated["confidence"] == params["confidence"]
     # the same support rules as sdfsmis: a named support that cannot serve is refused, naming it
     with pytest.raises(MONAILabelClientException) as error:
         client.infer("dpl", "case_000", {"support": "case_002"})

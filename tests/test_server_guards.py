@@ -428,6 +428,7 @@ def demo_site(tmp_path_factory, tiny_backbone):
         ("device", "cpu"),
         ("max_concurrent_infers", 2),
         ("allow_untrained", "true"),
+        ("cache_mb", 0),  # every request does its whole work: a repeated one must still be in flight for a while
     ]
     with monailabel_server(studies, root / "server.log", *conf) as url:
         _submit_support(url, root, 80)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdfsmis.bench.dpl import format_dpl_table, run_dpl_bench
+from sdfsmis.bench.loop import format_loop_table, run_loop_bench
 from sdfsmis.bench.released import format_table, run_bench
 from sdfsmis.cli.common import device
 from sdfsmis.methods import DPL, SDFSMIS
@@ -23,7 +24,9 @@ SUITES: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[dict], s
 def cmd_bench(args: argparse.Namespace) -> None:
     """Run the suite, print its table, and write the figures as JSON with ``--json``."""
     device(args.device)
-    run, format_result = SUITES[args.method]
+    if args.loop and not (args.backbone and args.volume and args.truth):
+        raise SystemExit("error: --loop needs --backbone, --volume and --truth (and --label-id)")
+    run, format_result = (run_loop_bench, format_loop_table) if args.loop else SUITES[args.method]
     result = run(args)
     print(format_result(result))
     if args.json:
@@ -87,7 +90,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--train", action="store_true", help="also time training steps")
     bench.add_argument("--train-steps", type=int, default=10)
     bench.add_argument("--warmup-steps", type=int, default=2)
+    bench.add_argument(
+        "--train-batch-size", type=int, default=1, help="episodes per training step (the released step takes one)"
+    )
     bench.add_argument("--workers", type=int, default=2, help="episode-preparing processes for our training")
     bench.add_argument("--gradient-checkpointing", action="store_true", help="for our training")
+    loop = bench.add_argument_group("the correction loop (--loop): first run, re-run after a correction")
+    loop.add_argument("--loop", action="store_true", help="time the server's loop on a real volume instead")
+    loop.add_argument("--volume", type=Path, default=None, help="the image (NIfTI/NRRD)")
+    loop.add_argument("--truth", type=Path, default=None, help="its full label; one structure of it is drawn")
+    loop.add_argument("--label-id", type=int, default=1, help="the structure's id in --truth")
+    loop.add_argument("--every", type=int, default=8, help="draw every N-th slice of the structure")
+    loop.add_argument("--cache-mb", type=float, default=1024.0, help="what the predictor keeps (the app's cache_mb)")
     bench.add_argument("--json", default=None, help="write the figures here")
     bench.set_defaults(run=cmd_bench)

@@ -48,11 +48,11 @@ def cmd_infer(args: argparse.Namespace) -> None:
     query.save_label(result.labels, args.output)
     summary = {"output": str(args.output), "method": args.method, "model_load_seconds": round(loaded, 3)}
     summary.update(result.summary())
-    if result.uncertainty is not None:
+    if result.has_uncertainty:
         summary["confidence"] = {str(k): v for k, v in result.confidence(query).items()}
         summary["review_slices"] = {str(k): v for k, v in result.review_slices(query).items()}
     if args.uncertainty:
-        if result.uncertainty is None:
+        if not result.has_uncertainty:
             raise SystemExit(
                 f"error: --uncertainty: no members disagree here ({args.method}: a method with variants always has "
                 "them; otherwise it needs several supports per slice: inference.supports_per_query >= 2 and more "

@@ -22,13 +22,18 @@ from sdfsmis.methods.base import Prediction
 
 class TrainingFree:
     """What the baselines share with :class:`~sdfsmis.methods.base.OneShotModel` without being
-    torch modules: ``resolution``, a CPU ``device``, ``predict_each`` (k support rows per query) and
-    ``segment`` = ``predict(...).probability`` with support row 0 by default. Subclasses
+    torch modules: ``resolution``, a CPU ``device``, ``join_supports``, ``predict_each`` (k support
+    rows per query) and ``segment`` = ``predict(...).probability`` with support row 0 by default. Subclasses
     implement ``encode_support`` and ``predict``."""
 
+    method = "training-free"
     title: str
     resolution: int
     device = torch.device("cpu")
+
+    def join_supports(self, parts: list[list]) -> list:
+        """Their encoded supports are lists with one entry per row: joined in order."""
+        return [row for part in parts for row in part]
 
     def predict(self, support, query_image: torch.Tensor, index: torch.Tensor) -> Prediction:
         raise NotImplementedError

@@ -26,6 +26,7 @@ def write_preview(
     """The preview montage of ``result`` (``query`` segmented from the support) as PNG."""
     support_window, query_window = display_window(support_image.data), display_window(query.data)
     rows: list[list[Tile | None]] = []
+    uncertainty = result.uncertainty  # built once: every label's rows show it
     for label_id, report in result.reports.items():
         predicted = result.labels == label_id
         slices = spread_slices(PREVIEW_SLICES, [predicted], (min(report.query_slices), max(report.query_slices)))
@@ -37,8 +38,8 @@ def write_preview(
             f"label {label_id}: support ",
         )
         rows.append(support + volume_tiles(query, query_window, slices, [(predicted, PREDICTION)]))
-        if result.uncertainty is not None:
-            uncertain = volume_tiles(query, query_window, slices, [(predicted, PREDICTION)], heat=result.uncertainty)
+        if uncertainty is not None:
+            uncertain = volume_tiles(query, query_window, slices, [(predicted, PREDICTION)], heat=uncertainty)
             uncertain[0].title = f"uncertainty (max {uncertain[0].heat_max:.3f}) {uncertain[0].title}"
             rows.append([None] * len(support) + uncertain)
     legend = {"support mask": REFERENCE, "prediction": PREDICTION}

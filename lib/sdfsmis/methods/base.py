@@ -4,6 +4,7 @@ harness and the benchmark only use this interface, so SD-FSMIS and DPL run throu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -80,6 +81,13 @@ class OneShotModel(nn.Module):
         """Support slices [S, 1, H, W] in [-1, 1] and binary masks -> what segmenting needs of them."""
         raise NotImplementedError
 
+    def join_supports(self, parts: list[Any]) -> Any:
+        """Encoded supports (each from :meth:`encode_support`) -> one whose rows are theirs in order:
+        the pipeline encodes each support row alone and keeps it, so that a row's encoding never
+        depends on the rows encoded with it. Tensors are joined along their first axis, through
+        dataclasses and dicts."""
+        return _join_rows(parts)
+
     def predict(self, support: Any, query_image: torch.Tensor, index: torch.Tensor) -> Prediction:
         """Query slices [Q, 1, H, W] in [-1, 1], each against support row ``index[q]``."""
         raise NotImplementedError
@@ -112,3 +120,18 @@ class OneShotModel(nn.Module):
 
     def after_step(self) -> None:
         """Called after every optimiser step (e.g. to update an EMA)."""
+
+
+def _join_rows(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if first is None:
+        return None
+    if dataclasses.is_dataclass(first):
+        return type(first)(
+            **{f.name: _join_rows([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)}
+        )
+    if isinstance(first, dict):
+        return {key: _join_rows([p[key] for p in parts]) for key in first}
+    raise TypeError(f"cannot join support encodings of type {type(first).__name__}")

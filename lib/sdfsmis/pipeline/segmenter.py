@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -19,12 +19,23 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from sdfsmis.config import InferenceConfig
-from sdfsmis.io.volume import SliceGrid, Volume, VolumeError, axial_slices, normalise_intensity, ras_spacing
+from sdfsmis.io.volume import (
+    Intensity,
+    SliceGrid,
+    Volume,
+    VolumeError,
+    axial_slices,
+    label_type,
+    present_label_ids,
+    ras_spacing,
+)
 from sdfsmis.methods import OneShotModel, Prediction
 from sdfsmis.pipeline import grounding, placement
 from sdfsmis.pipeline.acceleration import InferenceOptions
+from sdfsmis.pipeline.cache import ComputeCache, digest
 from sdfsmis.pipeline.grounding import Box
 from sdfsmis.pipeline.placement import Placement
+from sdfsmis.pipeline.stages import Stages
 
 
 @dataclass
@@ -47,6 +58,7 @@ class LabelReport:
     voxels: int = 0
     confidence: list[float] | None = None  # per query slice, when the method gives uncertainty
     served_by: list[ServedBy] = field(default_factory=list)
+    computed_slices: int = 0  # query slices the model segmented in this run (the others were cached)
 
     def review_slices(self, count: int) -> list[int]:
         """The ``count`` query slices of lowest confidence (below 1), lowest first."""
@@ -85,12 +97,37 @@ def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
 
 
 @dataclass
+class Patch:
+    """Values over one region of a volume (a label's box x its query slices): per-label maps are
+    kept this size, not the volume's."""
+
+    index: tuple[slice, slice, slice]
+    values: np.ndarray
+
+
+@dataclass
 class SegmentationResult:
     labels: np.ndarray  # [X, Y, Z] in the query's RAS working orientation
     reports: dict[int, LabelReport] = field(default_factory=dict)
     seconds: float = 0.0
-    uncertainty: np.ndarray | None = None  # [X, Y, Z] variance of the members' probabilities, max over labels
     review: dict[int, np.ndarray] = field(default_factory=dict)  # per label: voxels where the members disagree
+    doubt: dict[int, Patch] = field(default_factory=dict)  # per label: the members' variance over its region
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage of the run
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return bool(self.doubt)
+
+    @property
+    def uncertainty(self) -> np.ndarray | None:
+        """[X, Y, Z] variance of the members' probabilities, max over labels (built on each call);
+        None for a method and supports without members that can disagree."""
+        if not self.doubt:
+            return None
+        volume = np.zeros(self.labels.shape, dtype=np.float32)
+        for patch in self.doubt.values():
+            np.maximum(volume[patch.index], patch.values, out=volume[patch.index])
+        return volume
 
     def with_review(self) -> tuple[np.ndarray, dict[int, int]]:
         """The labels with each non-empty review region as a segment of its own (:func:`review_ids`)
@@ -131,6 +168,8 @@ class SegmentationResult:
             "query_slices": {str(k): [min(r.query_slices), max(r.query_slices)] for k, r in self.reports.items()},
             "seconds": round(self.seconds, 3),
             "seconds_per_slice": round(self.seconds / max(self.slices_segmented, 1), 4),
+            "slices_computed": {str(k): r.computed_slices for k, r in self.reports.items()},
+            "stages": {stage: round(seconds, 3) for stage, seconds in self.stages.items()},
         }
 
 
@@ -195,7 +234,7 @@ def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np
 
 def select_label_ids(support_label: Volume, requested: list[int] | None = None) -> list[int]:
     """The label ids to segment: all drawn ones by default; an empty support is an error."""
-    present = [int(k) for k in np.unique(support_label.data) if k > 0]
+    present = present_label_ids(support_label.data)
     if not present:
         raise VolumeError(f"support label {support_label.path.name} is empty: draw the structure on at least one slice")
     absent = [k for k in requested or [] if k not in present]
@@ -336,14 +375,27 @@ def _grouped(boxes: list[Box]) -> dict[Box, list[int]]:
 
 
 @dataclass
+class LabelMaps:
+    """One label's maps over its region (``index``: its in-plane box x the query slices it was
+    segmented in); uncertainty and dissent only where members can disagree."""
+
+    index: tuple[slice, slice, slice]
+    probability: np.ndarray
+    uncertainty: np.ndarray | None = None
+    dissent: np.ndarray | None = None
+    report: LabelReport | None = None
+
+
+@dataclass
 class Source:
-    """One support volume's part in one label: its normalised data, the label's drawn voxels, where
+    """One support volume's part in one label: its data and intensity bounds, the label's drawn voxels, where
     it is placed in the query, whether it is grounded (:mod:`sdfsmis.pipeline.grounding`) and, from another
     volume, the box its drawing is carried to in the query and, for a complete drawing, the drawing
     itself carried there (the atlas shape)."""
 
     volume: SupportVolume
     data: np.ndarray
+    intensity: Intensity
     drawn: np.ndarray
     place: Placement
     grounded: bool = False
@@ -362,11 +414,13 @@ class VolumeSegmenter:
         config: InferenceConfig,
         progress: bool = True,
         options: InferenceOptions | None = None,
+        cache: ComputeCache | None = None,
     ):
         self.model = model
         self.config = config
         self.progress = progress
         self.options = options or InferenceOptions()
+        self.cache = cache  # what earlier requests computed (pipeline.cache); None: compute everything
 
     @property
     def resolution(self) -> int:
@@ -375,41 +429,54 @@ class VolumeSegmenter:
     def _place(
         self,
         source: SupportVolume,
-        data: np.ndarray,
+        intensity: Intensity,
         drawn: np.ndarray,
         query: Volume,
-        query_data: np.ndarray,
         registrations: dict[int, placement.Registration],
+        normalised: Callable[[Volume], np.ndarray],
     ) -> Source:
         """Where ``source``'s annotation of one label lies in the query (:mod:`sdfsmis.pipeline.placement`)
         and, grounded (:mod:`sdfsmis.pipeline.grounding`), the in-plane boxes segmented in both; a support
-        volume is registered once per query, for all of its labels."""
+        volume is registered once per query, for all of its labels (on the ``normalised`` volumes)."""
+        data = source.image.data
         annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
-        depth = query_data.shape[2]
+        depth = query.data.shape[2]
         cfg = self.config
         if source.is_query(query):
             place = placement.same_volume(depth)
             if not cfg.grounding:
-                return Source(source, data, drawn, place)
+                return Source(source, data, intensity, drawn, place)
             extent = int(annotated[-1] - annotated[0] + 1)
             reach = max(int(np.ceil(cfg.z_margin * extent)), int(np.ceil(cfg.reach_mm / ras_spacing(query)[2])))
             first, last = max(0, int(annotated[0]) - reach), min(depth - 1, int(annotated[-1]) + reach)
-            return Source(source, data, drawn, dataclasses.replace(place, first=first, last=last), grounded=True)
+            place = dataclasses.replace(place, first=first, last=last)
+            return Source(source, data, intensity, drawn, place, grounded=True)
         if cfg.placement != "registration":
-            return Source(source, data, drawn, placement.relative_position(annotated, data.shape[2], depth, cfg))
+            return Source(
+                source, data, intensity, drawn, placement.relative_position(annotated, data.shape[2], depth, cfg)
+            )
         if id(source) not in registrations:
-            registrations[id(source)] = placement.register_volumes(source.image, data, query, query_data)
+            registrations[id(source)] = placement.register_volumes(
+                source.image, normalised(source.image), query, normalised(query)
+            )
         registration = registrations[id(source)]
         place = placement.registered_position(registration, annotated, drawn, depth, cfg)
-        carried = grounding.carried_box(registration, drawn, query_data.shape, ras_spacing(query), *self._margins)
+        carried = grounding.carried_box(registration, drawn, query.data.shape, ras_spacing(query), *self._margins)
         if not cfg.grounding or carried is None:
-            return Source(source, data, drawn, place)
+            return Source(source, data, intensity, drawn, place)
         drawing = None
         complete = len(annotated) >= cfg.min_extent_slices and len(annotated) == annotated[-1] - annotated[0] + 1
         if complete and cfg.shape_reach_mm > 0:  # every slice of the structure drawn: an atlas of it
             drawing = placement.carried_drawing(registration, source.image, drawn, query)
         return Source(
-            source, data, drawn, place, True, carried, drawing if drawing is not None and drawing.any() else None
+            source,
+            data,
+            intensity,
+            drawn,
+            place,
+            True,
+            carried,
+            drawing if drawing is not None and drawing.any() else None,
         )
 
     @property
@@ -436,31 +503,40 @@ class VolumeSegmenter:
         ]
         return own, deciding
 
-    def _crops(self, data: np.ndarray, z: list[int] | np.ndarray, boxes: list[Box], mode: str = "bilinear"):
-        """Axial slices ``z`` of ``data``, each cropped to its box and resampled to the model's input
-        [N, 1, R, R] (slices sharing a box in one call), and each slice's grid for the way back."""
+    def _crops(
+        self,
+        data: np.ndarray,
+        z: list[int] | np.ndarray,
+        boxes: list[Box],
+        intensity: Intensity | None = None,
+        mode: str = "bilinear",
+    ):
+        """Axial slices ``z`` of ``data``, each cropped to its box, normalised by ``intensity`` (only
+        these voxels are) and resampled to the model's input [N, 1, R, R] (slices sharing a box in
+        one call), and each slice's grid for the way back."""
         pad = -1.0 if mode == "bilinear" else 0.0
         out = torch.empty((len(z), 1, self.resolution, self.resolution), dtype=torch.float32)
         grids = [SliceGrid(b.x1 - b.x0, b.y1 - b.y0, self.resolution) for b in boxes]
         for box, rows in _grouped(boxes).items():
-            grid = grids[rows[0]]
-            out[rows] = grid.to_model(axial_slices(data[box.index], np.asarray(z)[rows]), mode=mode, pad_value=pad)
+            crop = data[box.index + (np.asarray(z)[rows],)]
+            if intensity is not None:
+                crop = intensity.apply(crop)
+            out[rows] = grids[rows[0]].to_model(axial_slices(crop, np.arange(len(rows))), mode=mode, pad_value=pad)
         return out.to(self.model.device), grids
 
-    def _segment_label(
-        self, sources: list[Source], query_image: np.ndarray, query_spacing: tuple[float, float, float]
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, LabelReport]:
+    def _segment_label(self, sources: list[Source], query: Volume, intensity: Intensity) -> LabelMaps:
         """Probability, uncertainty and dissent maps (None where members cannot disagree) of one
-        label from every support volume that has it: each query slice against its serving support
-        slices of each volume (equal weight per volume), the support encoded once; only the query
-        slices and the in-plane box the sources place it in are segmented (zero elsewhere)."""
+        label from every support volume that has it, over its region: each query slice against its
+        serving support slices of each volume (equal weight per volume), each support row encoded
+        once; only the query slices and the in-plane boxes the sources place it in are segmented."""
+        query_spacing = ras_spacing(query)
         first = min(s.place.first for s in sources)
         last = max(s.place.last for s in sources)
         query_z = np.arange(first, last + 1)
         images, masks, indices, weights, served, query_boxes = [], [], [], [], [], []
-        shape = None  # the drawn shape in the annotated volume itself (grounding.drawn_shape)
+        own = None  # the annotated volume itself: (drawn, support slices, serving), for its drawn shape
         for source in sources:
-            data, drawn, place = source.data, source.drawn, source.place
+            drawn, place = source.drawn, source.place
             annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
             # in the same volume every drawn or corrected slice is a support (bounded); from another
             # volume, a few spread over the structure (EP1)
@@ -469,84 +545,148 @@ class VolumeSegmenter:
                 annotated, self.config.max_volume_supports if same else self.config.max_supports
             )
             serving = serving_supports(place.position(query_z), support_z, self.config.supports_per_query)
-            if same and source.grounded and self.config.shape_reach_mm > 0:  # the query's own grid
-                shape = grounding.drawn_shape(drawn, support_z, query_z, serving.index, serving.weights, query_spacing)
+            if same and source.grounded and self.config.shape_reach_mm > 0:
+                own = (drawn, support_z, serving)
             indices.append(serving.index + sum(len(s.support_slices) for s in served))
             weights.append(serving.weights / len(sources))
             served.append(ServedBy(source.volume.name, support_z, place))
             support_boxes, boxes = self._boxes(source, support_z, serving)
             query_boxes.append(boxes)
-            images.append(self._crops(data, support_z, support_boxes)[0])
-            coverage = self._crops(drawn.astype(np.float32), support_z, support_boxes)[0]
+            images.append(self._crops(source.data, support_z, support_boxes, source.intensity)[0])
+            coverage = self._crops(drawn, support_z, support_boxes)[0]
             mask = (coverage > 0.5).float()
             thin = mask.flatten(1).sum(dim=1) == 0  # a structure thinner than a model pixel: keep any overlap
             masks.append(torch.where(thin[:, None, None, None], (coverage > 0).float(), mask))
-        reach = self.config.shape_reach_mm
-        atlases = [s.carried_drawing for s in sources if s.carried_drawing is not None]
-        if shape is None and atlases:  # no drawing in the query itself: the mean of the carried ones
-            shape = sum(grounding.carried_shape(a, query_z, query_spacing) for a in atlases) / len(atlases)
-            reach = max(reach, self.config.carried_reach_mm)
         index, weight = (torch.from_numpy(np.concatenate(a, axis=1)).to(self.model.device) for a in (indices, weights))
-        whole = Box.whole(query_image.shape)
+        whole = Box.whole(query.data.shape)
         boxes = [
             whole if any(b is None for b in per_source) else functools.reduce(Box.union, per_source)
             for per_source in zip(*[b or [None] * len(query_z) for b in query_boxes])
         ]
-        queries, grids = self._crops(query_image, query_z, boxes)  # one upload for the whole stack
-        with torch.inference_mode(), self.options.autocast(self.model.device):
-            support = self.model.encode_support(torch.cat(images), torch.cat(masks))
-            outputs = segment_slices(
-                self.model,
-                support,
-                queries,
-                index,
-                self.config.batch_size,
-                self.progress,
-                self.config.threshold,
-                weight,
-            )
+        region = functools.reduce(Box.union, boxes)
+        for source in sources:  # the query's own drawing lies inside, every slice of it
+            if source.volume.is_query(query):
+                region = region.union(grounding.box_around(source.drawn, (1.0, 1.0), 0.0, 0.0))
+        queries, grids = self._crops(query.data, query_z, boxes, intensity)  # one upload for the whole stack
+        outputs, computed = self._model_outputs(torch.cat(images), torch.cat(masks), queries, query_z, index, weight)
 
-        def volume_of(slices: torch.Tensor) -> np.ndarray:
-            array = np.zeros(query_image.shape, dtype=np.float32)
+        reach = self.config.shape_reach_mm
+        shape = None  # signed mm of the drawn (or carried) structure on each query slice, over the region
+        if own is not None:
+            drawn, support_z, serving = own
+            shape = grounding.drawn_shape(
+                drawn[region.index], support_z, query_z, serving.index, serving.weights, query_spacing
+            )
+        atlases = [s.carried_drawing[region.index] for s in sources if s.carried_drawing is not None]
+        if shape is None and atlases:  # no drawing in the query itself: the mean of the carried ones
+            shape = sum(grounding.carried_shape(a, query_z, query_spacing) for a in atlases) / len(atlases)
+            reach = max(reach, self.config.carried_reach_mm)
+
+        def region_of(slices: torch.Tensor) -> np.ndarray:
+            array = np.zeros((region.x1 - region.x0, region.y1 - region.y0, len(query_z)), dtype=np.float32)
             for box, rows in _grouped(boxes).items():
                 pixels = grids[rows[0]].from_model(slices[rows].float()).cpu().numpy()[:, 0]
-                array[box.index + (query_z[rows],)] = np.moveaxis(pixels, 0, -1)
+                inside = (slice(box.x0 - region.x0, box.x1 - region.x0), slice(box.y0 - region.y0, box.y1 - region.y0))
+                array[inside + (rows,)] = np.moveaxis(pixels, 0, -1)
             return array
 
-        def fused(slices: torch.Tensor) -> np.ndarray:
-            probability = volume_of(slices)
-            if shape is not None:
-                probability[..., query_z] = grounding.with_drawn_shape(
-                    probability[..., query_z], shape, reach, self.config.threshold
-                )
-            return probability
-
-        contour = None if shape is None else np.abs(shape) <= max(reach, *query_spacing[:2])
-
-        def within_reach(slices: torch.Tensor) -> np.ndarray:
-            """Uncertainty or dissent, kept only along the shape's contour (within the model's reach
-            of it, at least a pixel): elsewhere the shape decides, and the members' doubt there
-            changes nothing."""
-            doubt = volume_of(slices)
-            if contour is not None:
-                doubt[..., query_z] *= contour
-            return doubt
-
-        report = LabelReport(
-            support_slices=[z for s in served for z in s.support_slices],
-            query_slices=[int(z) for z in query_z],
-            served_by=served,
+        probability = region_of(outputs.probability)
+        if shape is not None:
+            probability = grounding.with_drawn_shape(probability, shape, reach, self.config.threshold)
+        maps = LabelMaps(
+            region.index + (slice(first, last + 1),),
+            probability,
+            report=LabelReport(
+                support_slices=[z for s in served for z in s.support_slices],
+                query_slices=[int(z) for z in query_z],
+                served_by=served,
+                computed_slices=computed,
+            ),
         )
         if outputs.confidence is None:
-            return fused(outputs.probability), None, None, report
-        uncertainty = within_reach(outputs.uncertainty)
+            return maps
+        # the members' doubt counts only along the shape's contour (within the model's reach of it, at
+        # least a pixel): elsewhere the shape decides, and their doubt there changes nothing
+        contour = None if shape is None else np.abs(shape) <= max(reach, *query_spacing[:2])
+        maps.uncertainty, maps.dissent = region_of(outputs.uncertainty), region_of(outputs.dissent)
         confidence = outputs.confidence.cpu().numpy()
-        if contour is not None:  # as slice_confidence, over the contour the model can still move
-            area = contour.sum(axis=(0, 1))
-            doubt = uncertainty[..., query_z].sum(axis=(0, 1)) / np.maximum(area, 1)  # zero off the contour
-            confidence = np.where(area > 0, 1 - 4 * doubt, 1.0)
-        report.confidence = [round(float(c), 4) for c in confidence]
-        return fused(outputs.probability), uncertainty, within_reach(outputs.dissent), report
+        if contour is not None:
+            maps.uncertainty *= contour
+            maps.dissent *= contour
+            area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
+            confidence = np.where(area > 0, 1 - 4 * maps.uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
+        maps.report.confidence = [round(float(c), 4) for c in confidence]
+        return maps
+
+    def _model_outputs(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        queries: torch.Tensor,
+        query_z: np.ndarray,
+        index: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> tuple[SliceOutputs, int]:
+        """The model's outputs for query slices ``query_z`` (:func:`segment_slices`) and how many
+        of them the model segmented in this run. Every unit is computed in a fixed composition, so
+        that a cached unit and a recomputed one are the same bits: each support row encoded alone,
+        the query slices in batches aligned to absolute slice numbers (``z // batch_size``). With
+        a cache, a unit whose inputs were computed before is taken from it, and only the support
+        rows the remaining batches need are encoded."""
+        cache = self.cache
+        threshold = self.config.threshold
+        rows = [digest(image, mask) for image, mask in zip(support_images, support_masks)]
+        slices = [digest(query) for query in queries]
+        chunk_of = query_z // max(1, self.config.batch_size)
+        batches = [np.flatnonzero(chunk_of == c) for c in np.unique(chunk_of)]
+        index_cpu, weights_cpu = index.cpu().numpy(), weights.cpu().numpy()
+        keys = [
+            digest(
+                threshold,
+                *(part for q in batch for part in (slices[q], *(rows[i] for i in index_cpu[q]))),
+                weights_cpu[batch],
+            )
+            for batch in batches
+        ]
+        found = [cache.get(key) if cache is not None else None for key in keys]
+        missing = [b for b, outputs in enumerate(found) if outputs is None]
+        if missing:
+            needed = np.unique(np.concatenate([index_cpu[batches[b]].ravel() for b in missing]))
+            position = torch.full((len(rows),), -1, dtype=torch.long)
+            position[torch.from_numpy(needed)] = torch.arange(len(needed))
+            position = position.to(index.device)
+            bar = tqdm(missing, desc="query slices", unit="batch", disable=not self.progress or len(missing) < 2)
+            with torch.inference_mode(), self.options.autocast(self.model.device):
+                support = self.model.join_supports(
+                    [self._support_row(support_images, support_masks, rows, int(i)) for i in needed]
+                )
+                for b in bar:
+                    batch = torch.from_numpy(batches[b]).to(index.device)
+                    outputs = segment_slices(
+                        self.model,
+                        support,
+                        queries[batch],
+                        position[index[batch]],
+                        len(batch),
+                        threshold=threshold,
+                        weights=weights[batch],
+                    )
+                    found[b] = SliceOutputs(*(None if o is None else o.cpu() for o in outputs))
+                    if cache is not None:
+                        cache.put(keys[b], found[b])
+        outputs = SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*found)))
+        return outputs, sum(len(batches[b]) for b in missing)
+
+    def _support_row(self, images: torch.Tensor, masks: torch.Tensor, rows: list[bytes], i: int):
+        """Support row ``i`` encoded alone (from the cache when the same crop and mask were encoded
+        before)."""
+        key = b"support" + rows[i]
+        encoded = self.cache.get(key) if self.cache is not None else None
+        if encoded is None:
+            encoded = self.model.encode_support(images[i : i + 1], masks[i : i + 1])
+            if self.cache is not None:
+                self.cache.put(key, encoded)
+        return encoded
 
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
@@ -560,57 +700,68 @@ class VolumeSegmenter:
         """Segment ``query`` with each label of the supports as its own 1-way task, merged.
 
         A label is served by every support volume that has it. When a support is the query itself,
-        its annotated voxels are kept as drawn."""
-        started = time.perf_counter()
+        its annotated voxels are kept as drawn. Each label's work stays within its region: the
+        volume-sized arrays are the query, the support labels and the result."""
+        clock = Stages(self.model.method)
+        cfg = self.config
         label_ids = select_supported_ids(supports, label_ids)
-        query_data = normalise_intensity(query.data, self.config.clip_percentiles)
-        normalised = [
-            query_data if s.is_query(query) else normalise_intensity(s.image.data, self.config.clip_percentiles)
-            for s in supports
+        query_intensity = Intensity.of(query.data, cfg.clip_percentiles)
+        intensities = [
+            query_intensity if s.is_query(query) else Intensity.of(s.image.data, cfg.clip_percentiles) for s in supports
         ]
+        clock.lap("prepare")
+        normalised_volumes: dict[int, np.ndarray] = {}
 
-        best = np.zeros(query.data.shape, dtype=np.float32)
-        labels = np.zeros(query.data.shape, dtype=np.int32)
+        def normalised(volume: Volume) -> np.ndarray:  # registration alone needs a whole normalised volume
+            if id(volume) not in normalised_volumes:
+                normalised_volumes[id(volume)] = Intensity.of(volume.data, cfg.clip_percentiles).apply(volume.data)
+            return normalised_volumes[id(volume)]
+
+        labels = np.zeros(query.data.shape, dtype=label_type(max(label_ids)))
+        best = np.zeros(query.data.shape, dtype=np.float32) if len(label_ids) > 1 else None  # overlaps: the likelier
         result = SegmentationResult(labels)
         registrations: dict[int, placement.Registration] = {}
         for label_id in label_ids:
-            sources = [
-                self._place(source, data, source.label.data == label_id, query, query_data, registrations)
-                for source, data in zip(supports, normalised)
-                if (source.label.data == label_id).any()
-            ]
-            probability, uncertainty, disagreement, report = self._segment_label(
-                sources, query_data, ras_spacing(query)
-            )
-            mask = probability >= self.config.threshold
-            own = [s.drawn for s in sources if s.volume.is_query(query)]
-            if own and self.config.grounding:  # followed outwards only while it stays continuous
-                mask = grounding.where_it_ends(
-                    mask, np.flatnonzero(own[0].any(axis=(0, 1))), self.config.end_continuity
-                )
-            if self.config.largest_component:
+            sources = []
+            for source, intensity in zip(supports, intensities):
+                drawn = source.label.data == label_id
+                if drawn.any():
+                    sources.append(self._place(source, intensity, drawn, query, registrations, normalised))
+            clock.lap("placement")
+            maps = self._segment_label(sources, query, query_intensity)
+            clock.lap("model")
+            region, probability = maps.index, maps.probability
+            mask = probability >= cfg.threshold
+            own = [s.drawn[region] for s in sources if s.volume.is_query(query)]
+            if own and cfg.grounding:  # followed outwards only while it stays continuous
+                mask = grounding.where_it_ends(mask, np.flatnonzero(own[0].any(axis=(0, 1))), cfg.end_continuity)
+            if cfg.largest_component:
                 mask = keep_consistent_components(mask, own[0] if own else None)
+            report = maps.report
             if own:
                 drawn = own[0]
                 annotated = drawn.any(axis=(0, 1))
                 mask[..., annotated] = drawn[..., annotated]
                 probability[drawn] = 1.0
-                if uncertainty is not None:  # drawn slices are certain
-                    uncertainty[..., annotated] = 0.0
-                    disagreement[..., annotated] = 0.0
-                    report.confidence = [
-                        1.0 if annotated[z] else c for z, c in zip(report.query_slices, report.confidence)
-                    ]
-            if uncertainty is not None:
-                result.uncertainty = (
-                    uncertainty if result.uncertainty is None else np.maximum(result.uncertainty, uncertainty)
-                )
-                result.review[label_id] = disagreement >= self.config.review_dissent
-            win = mask & (probability > best)
-            labels[win] = label_id
-            best[win] = probability[win]
+                if maps.uncertainty is not None:  # drawn slices are certain
+                    maps.uncertainty[..., annotated] = 0.0
+                    maps.dissent[..., annotated] = 0.0
+                    report.confidence = [1.0 if a else c for a, c in zip(annotated, report.confidence)]
+            if maps.uncertainty is not None:
+                result.doubt[label_id] = Patch(region, maps.uncertainty)
+                result.review[label_id] = np.zeros(query.data.shape, dtype=bool)
+                result.review[label_id][region] = maps.dissent >= cfg.review_dissent
+            if best is None:
+                labels[region][mask] = label_id
+            else:
+                likelier = best[region]
+                win = mask & (probability > likelier)
+                labels[region][win] = label_id
+                likelier[win] = probability[win]
             result.reports[label_id] = report
+            clock.lap("post-processing")
         for label_id, report in result.reports.items():
             report.voxels = int((labels == label_id).sum())
-        result.seconds = time.perf_counter() - started
+        clock.lap("post-processing")
+        result.stages, result.seconds = clock.seconds, clock.total
         return result

@@ -370,7 +370,8 @@ class Trainer:
             scores = {k: v for k, v in record.items() if k in ("val_dice", "val_dice_gt", "best_dice")}
             record["validation_montage"] = str(self.board.validation(step, scores, shown))
             self._log({k: v for k, v in record.items() if k != "seed"})
-            print(json.dumps(record))
+            # flushed: under MONAI Label stdout is a pipe, read line by line into GET /train/'s details
+            print(json.dumps(record), flush=True)
         write_checkpoint(self.run.output, self.model, self.optimizer, record, best=improved)
         return best
 

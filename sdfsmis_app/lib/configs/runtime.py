@@ -15,6 +15,7 @@ import torch
 from lib.server.concurrency import InferenceGate
 from sdfsmis.io.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
 from sdfsmis.io.manifest import manifest_identity
+from sdfsmis.io.volume import Volume, load_volume
 from sdfsmis.methods import DEFAULT_METHOD, METHODS, method_class, weights_key
 from sdfsmis.pipeline.predictor import Predictor
 from sdfsmis.pipeline.segmenter import VolumeSegmenter
@@ -42,6 +43,7 @@ class AppSettings:
     max_concurrent_infers: int = 1  # inferences running at once (GPU memory is bounded by this)
     max_queued_infers: int = 4  # inferences waiting for a slot; beyond that: 503 busy
     infer_queue_timeout_s: float = 600.0  # a queued inference gives up (503) after this
+    cache_mb: float = 1024.0  # per method: what earlier requests computed, for the next run on the same image
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str) -> AppSettings:
@@ -68,6 +70,7 @@ _LIMITS = {
     "max_concurrent_infers": int,
     "max_queued_infers": int,
     "infer_queue_timeout_s": float,
+    "cache_mb": float,
 }
 
 
@@ -138,7 +141,20 @@ class ModelRuntime:
             "device": self.settings.device,
             "loaded": self._predictor is not None,
             "weights": self.weights_identity(),
+            "cache": self.cache_stats(),
         }
+
+    def read_image(self, path: str) -> Volume:
+        """The request's image, within the volume limit; kept with what the model computed, so that
+        a re-run on the same image does not read it again (call after :meth:`segmenter`)."""
+        if self._predictor is None:
+            return load_volume(path, max_voxels=self.settings.max_voxels)
+        return self._predictor.read_image(path, self.settings.max_voxels)
+
+    def cache_stats(self) -> dict | None:
+        """What the loaded model keeps of earlier requests (entries, bytes, hits, misses)."""
+        predictor = self._predictor
+        return None if predictor is None or predictor.cache is None else predictor.cache.stats()
 
     def weights_identity(self) -> dict | None:
         """The backbone folder's manifest (source, revision, its digest); None for hub ids or a
@@ -154,7 +170,11 @@ class ModelRuntime:
             if self._predictor is None:
                 try:  # the measured acceleration defaults of the device
                     self._predictor = Predictor.from_pretrained(
-                        self.method, self.settings.backbone, config, device=self.settings.device
+                        self.method,
+                        self.settings.backbone,
+                        config,
+                        device=self.settings.device,
+                        cache_bytes=int(self.settings.cache_mb * 2**20),
                     )
                     logger.info(f"{self.title}: backbone {self.settings.backbone}, weights {self.weights_identity()}")
                 except Exception as error:  # noqa: BLE001 - corrupt files raise many types; none can serve

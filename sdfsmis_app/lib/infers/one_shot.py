@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.activelearning.results import record_result
 from lib.configs import ModelRuntime
 from lib.infers.guard import http_errors, parse_label_ids
 from lib.infers.support import resolve_supports, review_name, support_label_ids
-from sdfsmis.io.volume import LABEL_FORMATS, Volume, VolumeError, load_volume
+from sdfsmis.io.volume import LABEL_FORMATS, Volume, VolumeError
 from sdfsmis.pipeline.segmenter import LabelReport, review_ids
+from sdfsmis.pipeline.stages import Stages
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +56,19 @@ class OneShotInfer(InferTask):
             return self._infer(request)
 
     def _infer(self, request: dict) -> tuple[str, dict]:
-        started = time.perf_counter()
+        clock = Stages(self.runtime.method)  # each stage is logged as it ends, and returned in "stages"
         segmenter, trained = self.runtime.segmenter()
+        clock.lap("load model")
         supports = resolve_supports(request, self.datastore, request.get("image_id"))
-        query = load_volume(request["image"], max_voxels=self.runtime.settings.max_voxels)
+        query = self.runtime.read_image(request["image"])
         volumes = [support.volume(query, self.runtime.settings.max_voxels) for support in supports]
         names = {k: v for support in reversed(supports) for k, v in support.label_names.items()}  # first one wins
         wanted = parse_label_ids(request.get("labels"), names)
+        clock.lap("read")
         result = segmenter.segment_with(volumes, query, wanted)
+        clock.lap("segment")
+        del clock.seconds["segment"]  # told stage by stage instead
+        clock.seconds.update(result.stages)
         # OHIF asks for raw NRRD (result_extension ".nrrd"), Slicer and the CLI get NIfTI
         suffix = request.get("result_extension") or ".nii.gz"
         if suffix not in LABEL_FORMATS:
@@ -75,6 +81,7 @@ class OneShotInfer(InferTask):
             colours[review_id] = REVIEW_COLOUR
         output = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
         query.save_label(labels, output)
+        clock.lap("write")
         summary = result.summary()
         response = {
             "label_names": {name: k for k, name in names.items()},
@@ -85,10 +92,13 @@ class OneShotInfer(InferTask):
             "served_by": {names[k]: served_by(r, query) for k, r in result.reports.items()},
             "method": self.runtime.method,
             "trained": trained,
-            "seconds": round(time.perf_counter() - started, 3),
+            "seconds": round(clock.total, 3),
             "seconds_per_slice": summary["seconds_per_slice"],
+            # the query slices the model segmented now; the others were kept from an earlier run
+            "slices_computed": {names[k]: r.computed_slices for k, r in result.reports.items()},
+            "stages": {stage: round(seconds, 3) for stage, seconds in clock.seconds.items()},
         }
-        if result.uncertainty is not None:  # per label, slices numbered as in the returned image
+        if result.has_uncertainty:  # per label, slices numbered as in the returned image
             confidence = result.confidence(query)
             response["confidence"] = {names[k]: confidence[k] for k in confidence}
             review_slices = result.review_slices(query, REVIEW_SLICES)
@@ -97,6 +107,7 @@ class OneShotInfer(InferTask):
             response["warning"] = (
                 f"untrained {self.runtime.title} head (allow_untrained): this result is not meaningful"
             )
+        record_result(self.datastore, request.get("image_id"), self.runtime.method, response)
         logger.info(f"{self.runtime.method}: {response}")
         return output, response
 

@@ -1,0 +1,106 @@
+"""What a served model has already computed, kept for the next request on the same image: the
+radiologist corrects one slice and runs again, and only the query slices whose serving supports
+changed are recomputed.
+
+Entries are keyed by the digest of everything that decides them (the model's input crops, the
+support rows' crops and masks, the serving weights, the threshold), never by names or paths, so a
+hit is by construction what recomputing would give; the segmenter computes every unit in a fixed
+composition (each support row alone, query slices in batches aligned to absolute slice numbers) so
+that the same inputs give the same bits whether the rest of the request was cached or not. The
+cache is bounded in bytes and evicts the least recently used entries; the owner clears it when
+the weights change."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def digest(*parts: bytes | str | float | int | np.ndarray | torch.Tensor) -> bytes:
+    """A 16-byte digest of arrays (their dtype, shape and bytes) and scalars, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().contiguous().numpy()
+        if isinstance(part, np.ndarray):
+            h.update(f"{part.dtype}{part.shape}".encode())
+            h.update(np.ascontiguousarray(part).data)
+        elif isinstance(part, bytes):
+            h.update(part)
+        else:
+            h.update(repr(part).encode())
+        h.update(b"\x00")
+    return h.digest()
+
+
+def nbytes(value: Any) -> int:
+    """Bytes held by the tensors and arrays of ``value`` (dataclasses, tuples, lists, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
+class ComputeCache:
+    """A thread-safe LRU of computed values, bounded by ``max_bytes`` (0 keeps nothing). A value
+    larger than the bound is not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes) -> Any | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: bytes, value: Any) -> None:
+        size = nbytes(value)
+        with self._lock:
+            if key in self._entries:
+                self.bytes -= self._entries.pop(key)[1]
+            if size > self.max_bytes:
+                return
+            self._entries[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                self.bytes -= self._entries.popitem(last=False)[1][1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+    def stats(self) -> dict:
+        return {
+            "entries": len(self),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+        }

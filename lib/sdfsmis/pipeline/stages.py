@@ -1,0 +1,31 @@
+"""Where a run's time goes, stage by stage: the result JSON carries it and the server logs it, so a
+radiologist's "why is this slow" has an answer without a profiler."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+class Stages:
+    """A stopwatch with named laps, each logged as it ends (a server's log shows a long run move
+    on); a stage met again adds up (one per label, say)."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.started = self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> float:
+        """Charge the time since the previous lap to ``stage``; returns that time."""
+        now = time.perf_counter()
+        spent, self._last = now - self._last, now
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
+        logger.info("%s%s: %.3f s", f"{self.name} " if self.name else "", stage, spent)
+        return spent
+
+    @property
+    def total(self) -> float:
+        return self._last - self.started

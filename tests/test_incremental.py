@@ -1,0 +1,168 @@
+"""The correction loop without recomputing the volume (issue 27): a predictor that keeps what it
+computed (``cache_bytes``) answers a run after one corrected slice, after a second label and after a
+support is removed with the labels, confidences and doubt a full recompute gives, voxel for voxel,
+while the model sees only the query slices whose serving supports changed; the cache stays within
+its bound and forgets what older weights computed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from sdfsmis.io.volume import Volume, load_volume
+from sdfsmis.io.weights import save_weights
+from sdfsmis.methods import load_model
+from sdfsmis.pipeline.cache import ComputeCache
+from sdfsmis.pipeline.predictor import Predictor
+from sdfsmis.pipeline.segmenter import SegmentationResult, SupportVolume
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.settings import load_config
+
+BATCH = 4  # query slices per model call, so that a correction touches a few batches of the volume's
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory):
+    """A generated CT in LPS storage order (a real affine) with its full labels."""
+    image, truth, affine = make_volume(5, shape=(48, 40, 36), orientation="LPS")
+    folder = tmp_path_factory.mktemp("incremental")
+    path = write_nifti(folder / "ct.nii.gz", image, affine)
+    volume = load_volume(path)
+    truth_volume = load_volume(write_nifti(folder / "truth.nii.gz", truth, affine), label=True)
+    return volume, truth_volume
+
+
+def _drawn(truth: Volume, label_ids: tuple[int, ...], slices: list[int]) -> Volume:
+    """What a radiologist drew: the true labels ``label_ids`` on ``slices`` (working-array z)."""
+    data = np.zeros_like(truth.data)
+    for z in slices:
+        keep = np.isin(truth.data[..., z], label_ids)
+        data[..., z][keep] = truth.data[..., z][keep]
+    return dataclasses.replace(truth, data=data)
+
+
+def _span(truth: Volume, label_id: int) -> np.ndarray:
+    return np.flatnonzero((truth.data == label_id).any(axis=(0, 1)))
+
+
+class CountingModel:
+    """Counts the query slices the model is asked to segment (the model itself runs unchanged)."""
+
+    def __init__(self, model):
+        self.rows = 0
+        predict_each = model.predict_each
+
+        def counted(support, query_image, index):
+            self.rows += query_image.shape[0]
+            return predict_each(support, query_image, index)
+
+        model.predict_each = counted
+
+
+def _predictors(tiny_backbone, method: str, cache_bytes: int = 2**28) -> tuple[Predictor, Predictor]:
+    """The same weights twice: one keeping what it computed, one computing everything."""
+    settings = load_config(backbone=tiny_backbone)
+    settings.inference.batch_size = BATCH
+    torch.manual_seed(0)
+    model = load_model(method, tiny_backbone, settings)
+    fresh = load_model(method, tiny_backbone, settings)
+    fresh.load_state_dict(model.state_dict())
+    return Predictor(model, settings, cache_bytes=cache_bytes), Predictor(fresh, settings)
+
+
+def _same(incremental: SegmentationResult, full: SegmentationResult) -> None:
+    np.testing.assert_array_equal(incremental.labels, full.labels)
+    assert incremental.reports.keys() == full.reports.keys()
+    for label_id, report in full.reports.items():
+        assert incremental.reports[label_id].confidence == report.confidence
+        np.testing.assert_array_equal(incremental.review[label_id], full.review[label_id])
+    np.testing.assert_array_equal(incremental.uncertainty, full.uncertainty)
+
+
+@pytest.mark.parametrize("method", ["dpl", "sdfsmis"])
+def test_a_correction_recomputes_only_the_slices_it_serves(patient, tiny_backbone, method):
+    volume, truth = patient
+    span = _span(truth, 1)
+    drawn_z = [int(z) for z in span[:: max(1, len(span) // 4)]][:4]  # four drawn slices over the liver
+    cached, full = _predictors(tiny_backbone, method)
+    counter = CountingModel(cached.model)
+    first = cached.segment([SupportVolume(volume, _drawn(truth, (1,), drawn_z))], volume, progress=False)
+    first_rows, counter.rows = counter.rows, 0
+    assert first_rows == len(first.reports[1].query_slices)
+
+    low, high = drawn_z[1], drawn_z[2]  # an inner gap: slices outside it keep their two nearest drawings
+    corrected = (low + high) // 2
+    support = SupportVolume(volume, _drawn(truth, (1,), sorted([*drawn_z, corrected])))
+    again = cached.segment([support], volume, progress=False)
+    _same(again, full.segment([support], volume, progress=False))
+    assert not np.array_equal(again.labels, first.labels)  # the correction shows
+    # the slices strictly inside the gap changed supports; the model saw them, rounded out to whole
+    # batches of BATCH slices (z // BATCH), and nothing else
+    changed = set(range(low + 1, high))
+    batches = {z // BATCH for z in changed}
+    assert len(changed) <= counter.rows <= len(batches) * BATCH < first_rows
+
+    # a drawn slice redrawn (smaller): the same slices are served by it, its content changed
+    counter.rows = 0
+    redrawn = support.label.data.copy()
+    redrawn[..., high] = ndimage.binary_erosion(redrawn[..., high] > 0, iterations=2) * redrawn[..., high]
+    edited = SupportVolume(volume, dataclasses.replace(support.label, data=redrawn))
+    once_more = cached.segment([edited], volume, progress=False)
+    _same(once_more, full.segment([edited], volume, progress=False))
+    assert 0 < counter.rows < first_rows
+
+
+@pytest.mark.parametrize("method", ["dpl"])
+def test_a_second_label_and_a_removed_support(patient, tiny_backbone, method):
+    volume, truth = patient
+    liver, spleen = _span(truth, 1), _span(truth, 4)
+    liver_z = [int(z) for z in liver[:: max(1, len(liver) // 3)]][:3]
+    spleen_z = [int(z) for z in spleen[:: max(1, len(spleen) // 3)]][:3]
+    cached, full = _predictors(tiny_backbone, method)
+    counter = CountingModel(cached.model)
+    one = SupportVolume(volume, _drawn(truth, (1, 4), sorted({*liver_z, *spleen_z})))
+    first = cached.segment([one], volume, [1], progress=False)
+    counter.rows = 0
+
+    both = cached.segment([one], volume, [1, 4], progress=False)  # the spleen too: the liver is known
+    _same(both, full.segment([one], volume, [1, 4], progress=False))
+    assert counter.rows == len(both.reports[4].query_slices)
+    np.testing.assert_array_equal(both.labels == 1, first.labels == 1)  # unless the spleen overlaps it
+
+    counter.rows = 0
+    fewer = SupportVolume(volume, _drawn(truth, (1, 4), sorted({*liver_z[:-1], *spleen_z})))  # one drawing undone
+    removed = cached.segment([fewer], volume, [1, 4], progress=False)
+    _same(removed, full.segment([fewer], volume, [1, 4], progress=False))
+    assert 0 < counter.rows < len(removed.reports[1].query_slices) + len(removed.reports[4].query_slices)
+
+
+def test_the_cache_keeps_its_bound_and_evicts_the_oldest():
+    cache = ComputeCache(max_bytes=3 * 4000)
+    for i in range(5):
+        cache.put(bytes([i]), torch.zeros(1000))  # 4000 bytes each
+        assert cache.bytes <= cache.max_bytes
+    assert len(cache) == 3 and cache.get(bytes([0])) is None and cache.get(bytes([1])) is None
+    assert cache.get(bytes([2])) is not None  # now the most recently used
+    cache.put(bytes([5]), torch.zeros(1000))
+    assert cache.get(bytes([3])) is None and cache.get(bytes([2])) is not None
+    cache.put(bytes([6]), torch.zeros(4000))  # larger than the bound: not kept, nothing evicted for it
+    assert cache.get(bytes([6])) is None and len(cache) == 3 and cache.bytes == 3 * 4000
+
+
+def test_a_bounded_predictor_stays_within_its_bound_and_forgets_old_weights(patient, tiny_backbone, tmp_path):
+    volume, truth = patient
+    span = _span(truth, 1)
+    bound = 600_000  # less than one run's worth: it evicts while it runs
+    cached, full = _predictors(tiny_backbone, "dpl", cache_bytes=bound)
+    support = SupportVolume(volume, _drawn(truth, (1,), [int(z) for z in span[::6]]))
+    result = cached.segment([support], volume, progress=False)
+    assert 0 < cached.cache.bytes <= bound
+    _same(result, full.segment([support], volume, progress=False))
+
+    save_weights(full.model, tmp_path / "dpl.safetensors")
+    cached.load_weights(tmp_path / "dpl.safetensors")
+    assert len(cached.cache) == 0  # what the old weights computed is gone

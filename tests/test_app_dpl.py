@@ -94,7 +94,8 @@ def test_submit_then_infer_dpl_on_another_image_with_review_slices(server, tmp_p
         assert confidence and all(0 <= z < depth and 0.0 <= c <= 1.0 for z, c in confidence.items())
         assert_lowest_confidence_first(params["review_slices"][name], confidence)
     # where the time went, stage by stage (the server logs each as it ends)
-    assert {"load model", "read", "prepare", "placement", "model", "post-processing", "write"} <= set(params["stages"])
+    stages = {"load model", "read", "prepare", "placement", "crops", "model", "fusion", "post-processing", "write"}
+    assert stages <= set(params["stages"])
     assert sum(params["stages"].values()) <= params["seconds"] + 0.01
     # the same request again: the server kept what it computed, and answers the same voxels
     again, repeated = client.infer("dpl", "case_001", {"support": "case_000"})

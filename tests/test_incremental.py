@@ -66,7 +66,7 @@ class CountingModel:
 def _predictors(tiny_backbone, method: str, cache_bytes: int = 2**28) -> tuple[Predictor, Predictor]:
     """The same weights twice: one keeping what it computed, one computing everything."""
     settings = load_config(backbone=tiny_backbone)
-    settings.inference.batch_size = BATCH
+    settings.inference.batch_size = settings.inference.cpu_batch_size = BATCH
     torch.manual_seed(0)
     model = load_model(method, tiny_backbone, settings)
     fresh = load_model(method, tiny_backbone, settings)

@@ -178,8 +178,16 @@ def with_drawn_shape(probability: np.ndarray, shape_mm: np.ndarray, reach_mm: fl
     """The model's ``probability`` fused with the drawn ``shape_mm`` (signed mm): the model's vote
     (-1 at 0, +1 at 1, 0 at ``threshold``) moves the drawn contour outwards or inwards by up to
     ``reach_mm``. Returned as a probability that crosses ``threshold`` on the fused contour."""
-    vote = np.where(probability >= threshold, (probability - threshold) / (1 - threshold), probability / threshold - 1)
-    evidence = np.tanh(shape_mm / reach_mm + vote)
-    return np.where(evidence >= 0, threshold + (1 - threshold) * evidence, threshold * (1 + evidence)).astype(
-        np.float32
-    )
+    # in place on one float32 array: a large structure's region is most of the volume
+    above = probability >= threshold
+    fused = probability / np.float32(threshold) - 1
+    fused[above] = (probability[above] - threshold) / (1 - threshold)
+    fused += shape_mm / np.float32(reach_mm)
+    np.tanh(fused, out=fused)
+    above = fused >= 0
+    fused[above] *= 1 - threshold
+    fused[above] += threshold
+    below = ~above
+    fused[below] += 1
+    fused[below] *= threshold
+    return fused.astype(np.float32, copy=False)

@@ -426,6 +426,13 @@ class VolumeSegmenter:
     def resolution(self) -> int:
         return self.model.resolution
 
+    @property
+    def batch_size(self) -> int:
+        """Query slices per model call: the preset's on a GPU, ``cpu_batch_size`` on a CPU, where
+        batching gains little and a correction then recomputes fewer slices."""
+        cfg = self.config
+        return max(1, cfg.cpu_batch_size if self.model.device.type == "cpu" else cfg.batch_size)
+
     def _place(
         self,
         source: SupportVolume,
@@ -524,7 +531,7 @@ class VolumeSegmenter:
             out[rows] = grids[rows[0]].to_model(axial_slices(crop, np.arange(len(rows))), mode=mode, pad_value=pad)
         return out.to(self.model.device), grids
 
-    def _segment_label(self, sources: list[Source], query: Volume, intensity: Intensity) -> LabelMaps:
+    def _segment_label(self, sources: list[Source], query: Volume, intensity: Intensity, clock: Stages) -> LabelMaps:
         """Probability, uncertainty and dissent maps (None where members cannot disagree) of one
         label from every support volume that has it, over its region: each query slice against its
         serving support slices of each volume (equal weight per volume), each support row encoded
@@ -568,7 +575,9 @@ class VolumeSegmenter:
             if source.volume.is_query(query):
                 region = region.union(grounding.box_around(source.drawn, (1.0, 1.0), 0.0, 0.0))
         queries, grids = self._crops(query.data, query_z, boxes, intensity)  # one upload for the whole stack
+        clock.lap("crops")
         outputs, computed = self._model_outputs(torch.cat(images), torch.cat(masks), queries, query_z, index, weight)
+        clock.lap("model")
 
         reach = self.config.shape_reach_mm
         shape = None  # signed mm of the drawn (or carried) structure on each query slice, over the region
@@ -637,7 +646,7 @@ class VolumeSegmenter:
         threshold = self.config.threshold
         rows = [digest(image, mask) for image, mask in zip(support_images, support_masks)]
         slices = [digest(query) for query in queries]
-        chunk_of = query_z // max(1, self.config.batch_size)
+        chunk_of = query_z // self.batch_size
         batches = [np.flatnonzero(chunk_of == c) for c in np.unique(chunk_of)]
         index_cpu, weights_cpu = index.cpu().numpy(), weights.cpu().numpy()
         keys = [
@@ -728,8 +737,8 @@ class VolumeSegmenter:
                 if drawn.any():
                     sources.append(self._place(source, intensity, drawn, query, registrations, normalised))
             clock.lap("placement")
-            maps = self._segment_label(sources, query, query_intensity)
-            clock.lap("model")
+            maps = self._segment_label(sources, query, query_intensity, clock)
+            clock.lap("fusion")
             region, probability = maps.index, maps.probability
             mask = probability >= cfg.threshold
             own = [s.drawn[region] for s in sources if s.volume.is_query(query)]

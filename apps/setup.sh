@@ -11,5 +11,8 @@ fi
 python -m pip install -q --disable-pip-version-check --upgrade pip
 python -m pip install -q --disable-pip-version-check -r requirements.txt
 python -m pip install -q --disable-pip-version-check --no-deps monailabel==0.8.5
+# tests only (an RTSTRUCT written by another tool); its declared opencv-python needs libGL and its
+# 'dataclasses' backport is for Python 3.6: requirements.txt brings opencv-python-headless instead
+python -m pip install -q --disable-pip-version-check --no-deps rt-utils==1.2.7
 python -m pip install -q --disable-pip-version-check --no-deps -e lib
 python -c "import torch, monai, diffusers, transformers, monailabel, sdfsmis; print('environment ready: torch', torch.__version__, '| monailabel', monailabel.__version__)"

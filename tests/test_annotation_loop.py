@@ -95,17 +95,17 @@ def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, pat
     config = load_config(backbone=tiny_backbone)
     model = load_model("dpl", tiny_backbone, config).eval()
     encoded, predicted = [], []
-    encode, predict_each = model.encode_support, model.predict_each
+    encode, encode_queries = model.encode_support, model.encode_queries
 
     def counting_encode(image, mask):
         encoded.append(image.shape[0])
         return encode(image, mask)
 
-    def counting_predict_each(support, query, index):
+    def counting_encode_queries(query):
         predicted.append(query.shape[0])
-        return predict_each(support, query, index)
+        return encode_queries(query)
 
-    model.encode_support, model.predict_each = counting_encode, counting_predict_each
+    model.encode_support, model.encode_queries = counting_encode, counting_encode_queries
     label_path = write_nifti(tmp_path / "thirty.nii.gz", drawn.astype(np.uint8), affine)
     image = load_volume(image_path)
     result = VolumeSegmenter(model, config.inference, progress=False).segment(

@@ -50,17 +50,26 @@ def _span(truth: Volume, label_id: int) -> np.ndarray:
 
 
 class CountingModel:
-    """Counts the query slices the model is asked to segment (the model itself runs unchanged)."""
+    """Counts the query slices the model is asked to segment, and of those the ones it encodes
+    anew (DPL's features; the model itself runs unchanged)."""
 
     def __init__(self, model):
-        self.rows = 0
-        predict_each = model.predict_each
+        self.rows = self.encoded = 0
+        predict_each, predict_encoded, encode_queries = model.predict_each, model.predict_encoded, model.encode_queries
 
-        def counted(support, query_image, index):
-            self.rows += query_image.shape[0]
-            return predict_each(support, query_image, index)
+        def counted(predict):  # the segmenter calls one of the two per batch
+            def call(support, queries, index):
+                self.rows += index.shape[0]
+                return predict(support, queries, index)
 
-        model.predict_each = counted
+            return call
+
+        def encoding(query_image):
+            self.encoded += query_image.shape[0]
+            return encode_queries(query_image)
+
+        model.predict_each, model.predict_encoded = counted(predict_each), counted(predict_encoded)
+        model.encode_queries = encoding
 
 
 def _predictors(tiny_backbone, method: str, cache_bytes: int = 2**28) -> tuple[Predictor, Predictor]:
@@ -91,7 +100,7 @@ def test_a_correction_recomputes_only_the_slices_it_serves(patient, tiny_backbon
     cached, full = _predictors(tiny_backbone, method)
     counter = CountingModel(cached.model)
     first = cached.segment([SupportVolume(volume, _drawn(truth, (1,), drawn_z))], volume, progress=False)
-    first_rows, counter.rows = counter.rows, 0
+    first_rows, counter.rows, counter.encoded = counter.rows, 0, 0
     assert first_rows == len(first.reports[1].query_slices)
 
     low, high = drawn_z[1], drawn_z[2]  # an inner gap: slices outside it keep their two nearest drawings
@@ -105,6 +114,8 @@ def test_a_correction_recomputes_only_the_slices_it_serves(patient, tiny_backbon
     changed = set(range(low + 1, high))
     batches = {z // BATCH for z in changed}
     assert len(changed) <= counter.rows <= len(batches) * BATCH < first_rows
+    if cached.model.encodes_queries:  # slices whose crops did not change keep their features
+        assert counter.encoded <= counter.rows
 
     # a drawn slice redrawn (smaller): the same slices are served by it, its content changed
     counter.rows = 0

@@ -18,6 +18,10 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom_seg.template import from_dcmqi_metainfo, rgb_to_cielab
 
+from sdfsmis.dicom.reader import DicomSeries
+from sdfsmis.dicom.series import RAS_TO_LPS
+from sdfsmis.io.volume import VolumeError, label_type
+
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 # a fixed palette for labels that come without a colour (id -> RGB), distinct at a glance
@@ -61,7 +65,9 @@ def segments_of(seg: Dataset) -> list[dict]:
     return segments
 
 
-def _template(label_info: list[dict], present: list[int], description: str) -> Dataset:
+def _template(
+    label_info: list[dict], present: list[int], description: str, algorithm: str, algorithm_type: str
+) -> Dataset:
     by_idx = {int(entry["idx"]): entry for entry in label_info if "idx" in entry}
     attributes = []
     for idx in present:
@@ -73,8 +79,8 @@ def _template(label_info: list[dict], present: list[int], description: str) -> D
                 "labelID": idx,
                 "SegmentLabel": name,
                 "SegmentDescription": name,
-                "SegmentAlgorithmType": "SEMIAUTOMATIC",
-                "SegmentAlgorithmName": "SD-FSMIS",
+                "SegmentAlgorithmType": algorithm_type,
+                "SegmentAlgorithmName": algorithm,
                 "SegmentedPropertyCategoryCodeSequence": {
                     "CodeValue": "123037004",
                     "CodingSchemeDesignator": "SCT",
@@ -109,21 +115,33 @@ def _template(label_info: list[dict], present: list[int], description: str) -> D
     return template
 
 
-def labelmap_to_seg(label_path: str | Path, sources: Sequence[Dataset], label_info: list[dict], description: str):
+def labelmap_to_seg(
+    label_path: str | Path,
+    sources: Sequence[Dataset],
+    label_info: list[dict],
+    description: str,
+    algorithm: str = "SD-FSMIS",
+    algorithm_type: str = "SEMIAUTOMATIC",
+    software_version: str | None = None,
+):
     """A labelmap on the image's voxel grid (any ITK-readable file) and the image series' datasets
     (headers are enough) -> one DICOM SEG instance that references the series. Raises ValueError
-    for an empty labelmap."""
+    for an empty labelmap. ``algorithm`` names what drew the segments (each segment's
+    SegmentAlgorithmName); ``software_version``, where given, is its version (SoftwareVersions,
+    beside pydicom-seg's own), so that a reader can tell which release produced a result."""
     mask = sitk.Cast(sitk.ReadImage(str(label_path)), sitk.sitkUInt16)
     present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(mask)) if v)
     if not present:
         raise ValueError("the label is empty: nothing to store as a DICOM SEG")
     writer = pydicom_seg.MultiClassWriter(
-        template=_template(label_info, present, description),
+        template=_template(label_info, present, description, algorithm, algorithm_type),
         inplane_cropping=False,
         skip_empty_slices=False,
         skip_missing_segment=False,
     )
     seg = writer.write(mask, sources)
+    if software_version is not None:
+        seg.SoftwareVersions = [f"{algorithm} {software_version}", f"pydicom-seg {seg.SoftwareVersions}"]
     seg.preamble = b"\0" * 128  # a complete Part-10 file, whatever writer sends it on
     return seg
 
@@ -134,3 +152,50 @@ def seg_to_labelmap(seg_path: str | Path, output: str | Path) -> list[dict]:
     result = pydicom_seg.MultiClassReader().read(seg)
     sitk.WriteImage(result.image, str(output), True)
     return segments_of(seg)
+
+
+def seg_to_series_labels(seg: Dataset, series: DicomSeries, numbers: Sequence[int]) -> np.ndarray:
+    """The segments ``numbers`` of a SEG -> a label array on ``series``' voxel grid [i, j, k]
+    (ids = segment numbers; where segments overlap, the higher number wins). Each frame is put on
+    the slice its ImagePositionPatient falls on, so a SEG that skips empty slices or crops its
+    frames in-plane lands where it belongs; frames off the series' planes or grid are refused."""
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else Dataset()
+    frames = seg.pixel_array
+    if frames.ndim == 2:  # pydicom decodes a single frame without its frame axis
+        frames = frames[None]
+    fractional = str(seg.get("SegmentationType", "BINARY")) == "FRACTIONAL"
+    threshold = float(seg.get("MaximumFractionalValue", 1)) / 2 if fractional else 0
+    inverse = np.linalg.inv(RAS_TO_LPS @ series.affine)
+    first = series.datasets[0]
+    labels = np.zeros(series.data.shape, dtype=label_type(max(numbers, default=0)))
+    by_number: dict[int, list[int]] = {}
+    for index, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        identification = group.get("SegmentIdentificationSequence") or shared.get("SegmentIdentificationSequence")
+        by_number.setdefault(int(identification[0].ReferencedSegmentNumber), []).append(index)
+    for number in sorted(numbers):
+        for index in by_number.get(number, []):
+            group = seg.PerFrameFunctionalGroupsSequence[index]
+            orientation = (group.get("PlaneOrientationSequence") or shared.PlaneOrientationSequence)[0]
+            spacing = (group.get("PixelMeasuresSequence") or shared.PixelMeasuresSequence)[0].PixelSpacing
+            same_plane = np.allclose(
+                [float(v) for v in orientation.ImageOrientationPatient],
+                [float(v) for v in first.ImageOrientationPatient],
+                atol=1e-3,
+            ) and np.allclose([float(v) for v in spacing], [float(v) for v in first.PixelSpacing], atol=1e-3)
+            if not same_plane:
+                raise VolumeError(
+                    "the SEG's frames are not on the series' image planes (orientation or pixel spacing differ): "
+                    "resampling a SEG is not supported"
+                )
+            position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+            voxel = inverse @ np.array([*position, 1.0])
+            if np.abs(voxel[:3] - np.round(voxel[:3])).max() > 0.1:
+                raise VolumeError(f"SEG frame {index + 1} lies between the series' slices or voxels ({position})")
+            i0, j0, k = (int(v) for v in np.round(voxel[:3]))
+            if not 0 <= k < labels.shape[2]:
+                raise VolumeError(f"SEG frame {index + 1} lies outside the series ({position})")
+            mask = (frames[index] > threshold).T  # frame rows follow j, columns i
+            i1, j1 = min(i0 + mask.shape[0], labels.shape[0]), min(j0 + mask.shape[1], labels.shape[1])
+            part = mask[max(0, -i0) : i1 - i0, max(0, -j0) : j1 - j0]
+            labels[max(0, i0) : i1, max(0, j0) : j1, k][part] = number
+    return labels

@@ -27,6 +27,7 @@ class TrainingFree:
     implement ``encode_support`` and ``predict``."""
 
     method = "training-free"
+    encodes_queries = False  # all of their query work depends on the support
     title: str
     resolution: int
     device = torch.device("cpu")

@@ -49,6 +49,7 @@ class OneShotModel(nn.Module):
     settings_key: ClassVar[str]  # its section of the settings (presets: ``<key>:``)
     settings_class: ClassVar[type]
     ablations: ClassVar[dict[str, str]] = {}  # evaluation: variant key -> title (see :meth:`ablated`)
+    encodes_queries: ClassVar[bool] = False  # query work that does not depend on the support (see encode_queries)
     paper_decision: ClassVar[dict[str, Any]] = {}  # the paper protocol's decision rule, if the method states one
     resolution: int
 
@@ -96,6 +97,16 @@ class OneShotModel(nn.Module):
         """Query slices against each of their support rows ``index`` [Q, k]: k predictions. A
         method whose query work does not depend on the support overrides this to do it once."""
         return [self.predict(support, query_image, index[:, j]) for j in range(index.shape[1])]
+
+    def encode_queries(self, query_image: torch.Tensor) -> Any:
+        """Query slices -> what predicting needs of them whatever the support, kept by the pipeline
+        so that a changed support does not redo it (DPL: their features). A method whose query
+        work all depends on the support returns the slices (``encodes_queries`` False)."""
+        return query_image
+
+    def predict_encoded(self, support: Any, queries: Any, index: torch.Tensor) -> list[Prediction]:
+        """Encoded query slices (:meth:`encode_queries`) against each of their support rows [Q, k]."""
+        return self.predict_each(support, queries, index)
 
     @torch.no_grad()
     def segment(self, support: Any, query_image: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

@@ -336,11 +336,12 @@ def segment_slices(
     progress: bool = False,
     threshold: float = 0.5,
     weights: torch.Tensor | None = None,
+    encoded: bool = False,
 ) -> SliceOutputs:
-    """Query slices [Q, 1, H, W] on the model's device, each against support rows ``index`` [Q]
-    or its k serving ones [Q, k] combined with ``weights`` [Q, k] (:func:`serving_supports`; all k
-    weigh alike in the doubt), in batches that share the encoded support; nothing goes back to the
-    host per batch."""
+    """Query slices [Q, 1, H, W] on the model's device (``encoded``: what the model's
+    ``encode_queries`` made of them), each against support rows ``index`` [Q] or its k serving ones
+    [Q, k] combined with ``weights`` [Q, k] (:func:`serving_supports`; all k weigh alike in the
+    doubt), in batches that share the encoded support; nothing goes back to the host per batch."""
     if index.dim() == 1:
         index = index[:, None]
     if weights is None:
@@ -350,7 +351,8 @@ def segment_slices(
     outputs = []
     for s in bar:
         part = slice(s, s + batch_size)
-        predictions = model.predict_each(support, queries[part], index[part])
+        predict = model.predict_encoded if encoded else model.predict_each
+        predictions = predict(support, queries[part], index[part])
         prediction = combine_supports(predictions, weights[part])
         members = torch.full_like(weights[part], 1.0 / index.shape[1])  # every serving support doubts alike
         uncertainty = member_variance(prediction, members)
@@ -674,17 +676,32 @@ class VolumeSegmenter:
                     outputs = segment_slices(
                         self.model,
                         support,
-                        queries[batch],
+                        self._encoded_queries(queries[batch], [slices[q] for q in batches[b]]),
                         position[index[batch]],
                         len(batch),
                         threshold=threshold,
                         weights=weights[batch],
+                        encoded=self.model.encodes_queries,
                     )
                     found[b] = SliceOutputs(*(None if o is None else o.cpu() for o in outputs))
                     if cache is not None:
                         cache.put(keys[b], found[b])
         outputs = SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*found)))
         return outputs, sum(len(batches[b]) for b in missing)
+
+    def _encoded_queries(self, queries: torch.Tensor, slices: list[bytes]):
+        """One batch of query slices through the model's ``encode_queries``, kept when that is work
+        (DPL's features): a correction that changes only which supports serve these slices, not
+        their crops, then costs no second pass."""
+        if not self.model.encodes_queries:
+            return queries
+        key = b"queries" + digest(*slices)
+        encoded = self.cache.get(key) if self.cache is not None else None
+        if encoded is None:
+            encoded = self.model.encode_queries(queries)
+            if self.cache is not None:
+                self.cache.put(key, encoded)
+        return encoded
 
     def _support_row(self, images: torch.Tensor, masks: torch.Tensor, rows: list[bytes], i: int):
         """Support row ``i`` encoded alone (from the cache when the same crop and mask were encoded

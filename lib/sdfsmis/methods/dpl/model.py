@@ -129,6 +129,7 @@ class DPL(OneShotModel):
     # changed after loading the same weights (docs/dpl.md "Ablations"): lambda 0 is the plain ADNet head
     # on the same features; the untrained denoiser is Gaussian prototype augmentation; without the
     # condition the denoiser, trained with it, runs without it
+    encodes_queries = True
     ablations = {
         "dpl-lambda0": "DPL, lambda 0 (plain prototype head)",
         "dpl-untrained-denoiser": "DPL, untrained denoiser",
@@ -228,7 +229,15 @@ class DPL(OneShotModel):
         self, support: PrototypeSupport, query_image: torch.Tensor, index: torch.Tensor
     ) -> list[Prediction]:
         """The query's DINOv2 features once for all of its k support rows."""
-        features = self.features(query_image)
+        return self.predict_encoded(support, self.features(query_image), index)
+
+    def encode_queries(self, query_image: torch.Tensor) -> torch.Tensor:
+        """DINOv2 and the adapter: nearly all of a query slice's cost, and none of it the support's."""
+        return self.features(query_image)
+
+    def predict_encoded(
+        self, support: PrototypeSupport, features: torch.Tensor, index: torch.Tensor
+    ) -> list[Prediction]:
         return [self._predict(support, features, index[:, j]) for j in range(index.shape[1])]
 
     def _predict(self, support: PrototypeSupport, features: torch.Tensor, index: torch.Tensor) -> Prediction:

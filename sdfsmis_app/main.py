@@ -62,7 +62,7 @@ class SDFSMISApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):  # a DICOMweb PACS (OHIF's path)
             self.studies = self.studies.rstrip("/")
-            return lib.server.dicomweb.connect(self.studies, self.settings.modalities)
+            return lib.server.dicomweb.connect(self.studies, self.settings.modalities, self.settings.result_format)
         return ValidatingDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,

@@ -44,6 +44,7 @@ class AppSettings:
     max_queued_infers: int = 4  # inferences waiting for a slot; beyond that: 503 busy
     infer_queue_timeout_s: float = 600.0  # a queued inference gives up (503) after this
     cache_mb: float = 1024.0  # per method: what earlier requests computed, for the next run on the same image
+    result_format: str = "seg"  # DICOMweb mode: a saved final label goes to the PACS as a DICOM SEG or an RTSTRUCT
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str) -> AppSettings:
@@ -60,6 +61,7 @@ class AppSettings:
             allow_untrained=str(conf.get("allow_untrained", "false")).lower() in TRUE,
             preset=conf.get("preset"),
             modalities=str(conf.get("modalities", "CT,MR")).split(","),
+            result_format=str(conf.get("result_format") or "seg").strip().lower(),
             **{key: kind(conf[key]) for key, kind in _LIMITS.items() if conf.get(key) not in (None, "")},
         )
 

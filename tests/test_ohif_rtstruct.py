@@ -1,0 +1,195 @@
+"""DICOMweb mode with RTSTRUCTs: an RT Structure Set stored in Orthanc for a series is that series'
+final label and serves as a support (ROI names and colours kept), a saved final label goes back
+as an RTSTRUCT with ``--conf result_format rtstruct``, and the bundled OHIF runs the model with an
+RTSTRUCT support. The real MONAI Label server (tiny backbone, untrained heads allowed: what is
+checked here is where labels come from and go, not segmentation quality) and Orthanc on loopback.
+Expected voxels are the generated labels, compared in RAS by nibabel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from monailabel.client.client import MONAILabelClient
+from pydicom.dataset import Dataset
+from test_ohif import LABELMAP_STATE, OHIF_PARAMS, _chromium_driver
+
+from app_server import free_port, monailabel_server
+from sdfsmis.dicom.orthanc import OrthancServer, OrthancUnavailable, store_instances
+from sdfsmis.dicom.reader import read_series_folder
+from sdfsmis.dicom.rtstruct import labels_to_rtstruct, referenced_series_uids
+from sdfsmis.dicom.series import nifti_to_series, write_series
+from sdfsmis.dicom.volume import load_segmentation, onto_series_grid, series_volume
+from sdfsmis.io.volume import load_volume
+from sdfsmis.samples.synthetic import make_volume, write_nifti
+
+# ROI names and colours that no anatomy table gives: what is served must come from the RTSTRUCT
+ROIS = [
+    {"idx": 1, "name": "Liver_CTV", "color": [12, 200, 34]},
+    {"idx": 4, "name": "Spleen_CTV", "color": [230, 20, 210]},
+]
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    server = OrthancServer(free_port(), free_port(), tmp_path_factory.mktemp("orthanc-rt"))
+    try:
+        process = server.start()
+    except OrthancUnavailable as error:
+        pytest.skip(f"{error} (run: bash apps/system_packages.sh)")
+    yield server
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _canonical(path: Path) -> np.ndarray:
+    """A label file's voxels in RAS order (nibabel), whatever voxel order it was written in."""
+    return np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj).astype(np.int64)
+
+
+def _upload(pacs, folder: Path, name: str, seed: int, orientation: str, rtstruct: bool) -> dict:
+    """A CT series in Orthanc; with ``rtstruct``, its liver and spleen as an RTSTRUCT beside it."""
+    image, label, affine = make_volume(seed, orientation=orientation)
+    image_path = write_nifti(folder / f"{name}.nii.gz", image.astype(np.int16), affine)
+    label[~np.isin(label, [1, 4])] = 0
+    label_path = write_nifti(folder / f"{name}_label.nii.gz", label, affine, np.uint8)
+    datasets = nifti_to_series(image_path, "CT", patient_id=name)
+    store_instances(datasets, pacs.dicomweb)
+    write_series(datasets, folder / name)
+    if rtstruct:  # as a planning system exports contours: an RTSTRUCT stored to the PACS
+        series = read_series_folder(folder / name)
+        grid = series_volume(series, folder / name)
+        labels = grid.to_original(onto_series_grid(load_volume(label_path, label=True), grid).data)
+        store_instances([labels_to_rtstruct(labels, series, ROIS, "planning", "TPS", "1")], pacs.dicomweb)
+    return {
+        "series": str(datasets[0].SeriesInstanceUID),
+        "study": str(datasets[0].StudyInstanceUID),
+        "label": label_path,
+        "folder": folder / name,
+    }
+
+
+@pytest.fixture(scope="module")
+def studies(pacs, tmp_path_factory) -> dict[str, dict]:
+    folder = tmp_path_factory.mktemp("nifti-rt")
+    return {
+        "rt_support": _upload(pacs, folder, "rt-support", 31, "RAS", rtstruct=True),
+        "rt_ohif": _upload(pacs, folder, "rt-ohif", 32, "RAS", rtstruct=False),
+        "rt_save": _upload(pacs, folder, "rt-save", 33, "LPS", rtstruct=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(pacs, studies, tiny_backbone, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dicomweb-rt-app")
+    conf = [("backbone", tiny_backbone), ("model_dir", root / "model"), ("allow_untrained", "true")]
+    conf.append(("result_format", "rtstruct"))
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"), "HTTPS_PROXY": "http://127.0.0.1:9"}
+    with monailabel_server(pacs.dicomweb, root / "server.log", *conf, env=env) as url:
+        yield url
+
+
+def _labels_in_pacs(pacs, modality: str, series_uid: str) -> list[Dataset]:
+    """The headers of the SEG or RTSTRUCT series in the PACS that reference an image series."""
+    found = []
+    for entry in requests.get(f"{pacs.dicomweb}/series", params={"Modality": modality}, timeout=10).json():
+        study, uid = entry["0020000D"]["Value"][0], entry["0020000E"]["Value"][0]
+        meta = requests.get(f"{pacs.dicomweb}/studies/{study}/series/{uid}/metadata", timeout=10).json()[0]
+        header = Dataset.from_json(meta)
+        referenced = (
+            referenced_series_uids(header)
+            if modality == "RTSTRUCT"
+            else {str(item.SeriesInstanceUID) for item in header.get("ReferencedSeriesSequence", [])}
+        )
+        if series_uid in referenced:
+            found.append(header)
+    return found
+
+
+def test_rtstruct_in_orthanc_is_listed_as_a_label_and_serves_as_support(server, studies, tmp_path):
+    info = requests.get(f"{server}/info/", timeout=30).json()
+    assert info["datastore"]["total"] == 3  # the three CT series; the RTSTRUCT is a label, not an image
+    assert info["datastore"]["completed"] == 1  # rt-support is labelled, by its RTSTRUCT
+    labels = info["models"]["sdfsmis"]["labels"]
+    assert {name: labels[name] for name in ("Liver_CTV", "Spleen_CTV")} == {"Liver_CTV": 1, "Spleen_CTV": 4}
+
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
+    params = {**OHIF_PARAMS, "support": studies["rt_support"]["series"]}
+    _, result = client.infer("sdfsmis", studies["rt_ohif"]["series"], params)
+    assert result["support"]["source"] == "support_param"
+    assert result["support"]["image"] == studies["rt_support"]["series"]
+    assert result["label_names"] == {"Liver_CTV": 1, "Spleen_CTV": 4}
+    assert result["label_colors"] == {"Liver_CTV": [12, 200, 34], "Spleen_CTV": [230, 20, 210]}
+
+    # the support the model got: the RTSTRUCT's contours filled on the series' grid, voxel for voxel
+    served = requests.get(
+        f"{server}/datastore/label", params={"label": studies["rt_support"]["series"], "tag": "final"}, timeout=30
+    )
+    assert served.status_code == 200
+    (tmp_path / "served.nii.gz").write_bytes(served.content)
+    np.testing.assert_array_equal(_canonical(tmp_path / "served.nii.gz"), _canonical(studies["rt_support"]["label"]))
+
+
+def test_ohif_runs_the_model_with_an_rtstruct_support(server, studies, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = _chromium_driver(tmp_path / "profile")
+    try:
+        driver.get(f"{server}/ohif/monai-label?StudyInstanceUIDs={studies['rt_ohif']['study']}")
+        wait = WebDriverWait(driver, 120, poll_frequency=0.5)
+        field = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type=text]"))
+        wait.until(lambda d: "CT rt-ohif" in d.execute_script("return document.body.innerText"))
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(f"{server}/")
+        field.find_element(By.XPATH, "following::button[1]").click()  # connect
+        options = wait.until(lambda d: d.find_elements(By.XPATH, "//option[normalize-space()='sdfsmis']"))
+        Select(options[0].find_element(By.XPATH, "..")).select_by_visible_text("sdfsmis")
+        driver.get_log("browser")
+        driver.find_element(By.XPATH, "//button[normalize-space()='Run']").click()
+        wait.until(lambda d: any("updated the segmentation" in e["message"] for e in d.get_log("browser")))
+        state = driver.execute_script(LABELMAP_STATE)
+        page = driver.execute_script("return document.body.innerText")
+    finally:
+        driver.quit()
+    assert "Running Segmentation - Successful" in page
+    # OHIF's segments are named after the RTSTRUCT's ROIs: the support OHIF's request got was the RTSTRUCT
+    assert {"Liver_CTV", "Spleen_CTV"} <= {label for _, label in state["segments"]}
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
+    _, result = client.infer("sdfsmis", studies["rt_ohif"]["series"], dict(OHIF_PARAMS))
+    assert result["support"]["source"] == "latest_label"
+    assert result["support"]["image"] == studies["rt_support"]["series"]
+    ohif_index = {label: index for index, label in state["segments"]}
+    for name in result["label_names"]:
+        shown = state["perSlice"].get(str(ohif_index[name]), [])
+        assert sum(shown) == result["voxels"][name]
+
+
+def test_result_format_rtstruct_stores_a_saved_label_as_rtstruct(server, pacs, studies, tmp_path):
+    study = studies["rt_save"]
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
+    assert _labels_in_pacs(pacs, "RTSTRUCT", study["series"]) == []
+
+    client.save_label(study["series"], str(study["label"]), tag="final", params={"label_info": ROIS})
+
+    assert _labels_in_pacs(pacs, "SEG", study["series"]) == []  # result_format rtstruct: no SEG
+    (header,) = _labels_in_pacs(pacs, "RTSTRUCT", study["series"])
+    assert header.StudyInstanceUID == study["study"]
+    (stored,) = DICOMwebClient(url=pacs.dicomweb).retrieve_series(header.StudyInstanceUID, header.SeriesInstanceUID)
+    stored.save_as(str(tmp_path / "rt.dcm"))
+    back, structures = load_segmentation(tmp_path / "rt.dcm", read_series_folder(study["folder"]))
+    assert [(s["idx"], s["name"], s["color"]) for s in structures] == [
+        (1, "Liver_CTV", [12, 200, 34]),
+        (4, "Spleen_CTV", [230, 20, 210]),
+    ]
+    np.testing.assert_array_equal(back.data, _canonical(study["label"]))  # the saved voxels, read back
+
+    # and it is now that series' support, read from the PACS like any other RTSTRUCT
+    _, again = client.infer("sdfsmis", study["series"], dict(OHIF_PARAMS))
+    assert again["support"]["source"] == "same_image_label"
+    assert again["label_names"] == {"Liver_CTV": 1, "Spleen_CTV": 4}

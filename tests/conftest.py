@@ -19,6 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from filelock import FileLock
 
+from app_server import free_port
+from sdfsmis.dicom.orthanc import OrthancServer, OrthancUnavailable
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch follows OMP_NUM_THREADS (apps/test.sh sets each xdist worker's share of the cores); without it, at most 2
 if "OMP_NUM_THREADS" not in os.environ:
@@ -138,3 +141,16 @@ def realm():
     threading.Thread(target=http.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{http.server_address[1]}/realms/sdfsmis", key
     http.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """An Orthanc DICOMweb server of the test module's own (skipped where Orthanc is not installed)."""
+    server = OrthancServer(free_port(), free_port(), tmp_path_factory.mktemp("orthanc"))
+    try:
+        process = server.start()
+    except OrthancUnavailable as error:
+        pytest.skip(f"{error} (run: bash apps/system_packages.sh)")
+    yield server
+    process.terminate()
+    process.wait(timeout=30)

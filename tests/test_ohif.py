@@ -19,8 +19,8 @@ import SimpleITK as sitk
 from monailabel.client.client import MONAILabelClient
 from pydicom.dataset import Dataset
 
-from app_server import free_port, monailabel_server
-from sdfsmis.dicom.orthanc import OrthancServer, OrthancUnavailable, store_instances
+from app_server import monailabel_server
+from sdfsmis.dicom.orthanc import store_instances
 from sdfsmis.dicom.seg import labelmap_to_seg, segments_of
 from sdfsmis.dicom.series import nifti_to_series
 from sdfsmis.samples.synthetic import make_volume, write_nifti
@@ -31,18 +31,6 @@ SUPPORT_INFO = [
     {"idx": 4, "name": "spleen", "color": [157, 108, 162]},
 ]
 OHIF_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory):
-    server = OrthancServer(free_port(), free_port(), tmp_path_factory.mktemp("orthanc"))
-    try:
-        process = server.start()
-    except OrthancUnavailable as error:
-        pytest.skip(f"{error} (run: bash apps/system_packages.sh)")
-    yield server
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def _upload(pacs, folder: Path, name: str, seed: int, modality: str, support: bool) -> dict:

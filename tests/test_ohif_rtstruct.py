@@ -18,8 +18,8 @@ from monailabel.client.client import MONAILabelClient
 from pydicom.dataset import Dataset
 from test_ohif import LABELMAP_STATE, OHIF_PARAMS, _chromium_driver
 
-from app_server import free_port, monailabel_server
-from sdfsmis.dicom.orthanc import OrthancServer, OrthancUnavailable, store_instances
+from app_server import monailabel_server
+from sdfsmis.dicom.orthanc import store_instances
 from sdfsmis.dicom.reader import read_series_folder
 from sdfsmis.dicom.rtstruct import labels_to_rtstruct, referenced_series_uids
 from sdfsmis.dicom.series import nifti_to_series, write_series
@@ -32,18 +32,6 @@ ROIS = [
     {"idx": 1, "name": "Liver_CTV", "color": [12, 200, 34]},
     {"idx": 4, "name": "Spleen_CTV", "color": [230, 20, 210]},
 ]
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory):
-    server = OrthancServer(free_port(), free_port(), tmp_path_factory.mktemp("orthanc-rt"))
-    try:
-        process = server.start()
-    except OrthancUnavailable as error:
-        pytest.skip(f"{error} (run: bash apps/system_packages.sh)")
-    yield server
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def _canonical(path: Path) -> np.ndarray:

@@ -60,13 +60,12 @@ def _server_run(predictor: Predictor, image: Path, label: Path, output: Path) ->
     support = load_volume(label, label=True)
     clock.lap("read")
     result = predictor.segment([SupportVolume(query, support)], query, progress=False)
-    clock.lap("segment")
+    clock.absorb(result.stages)
     query.save_label(result.labels, output)
     clock.lap("write")
-    stages = {"read": clock.seconds["read"], **result.stages, "write": clock.seconds["write"]}
     return result, {
         "seconds": round(clock.total, 3),
-        "stages": {k: round(v, 3) for k, v in stages.items()},
+        "stages": {k: round(v, 3) for k, v in clock.seconds.items()},
         "slices": result.slices_segmented,
         "slices_computed": sum(r.computed_slices for r in result.reports.values()),
         "peak_memory_mb": round(_resident_mb("VmHWM") - baseline, 1),

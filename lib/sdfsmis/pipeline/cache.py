@@ -16,10 +16,13 @@ import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 
 def digest(*parts: bytes | str | float | int | np.ndarray | torch.Tensor) -> bytes:
@@ -104,3 +107,13 @@ class ComputeCache:
             "hits": self.hits,
             "misses": self.misses,
         }
+
+
+def cached(cache: ComputeCache | None, key: bytes, compute: Callable[[], T]) -> T:
+    """The value kept under ``key``, else ``compute()``, kept for next time (no cache: computed)."""
+    value = cache.get(key) if cache is not None else None
+    if value is None:
+        value = compute()
+        if cache is not None:
+            cache.put(key, value)
+    return value

@@ -13,7 +13,7 @@ from sdfsmis.io.volume import Volume, load_volume
 from sdfsmis.io.weights import load_weights
 from sdfsmis.methods import OneShotModel, load_model
 from sdfsmis.pipeline.acceleration import InferenceOptions, accelerate
-from sdfsmis.pipeline.cache import ComputeCache, digest
+from sdfsmis.pipeline.cache import ComputeCache, cached, digest
 from sdfsmis.pipeline.segmenter import SegmentationResult, SupportVolume, VolumeSegmenter
 from sdfsmis.settings import Settings, load_config
 
@@ -70,12 +70,7 @@ class Predictor:
         path = Path(path)
         stat = path.stat()
         key = digest("image", str(path.resolve()), stat.st_size, stat.st_mtime_ns, max_voxels)
-        volume = self.cache.get(key) if self.cache is not None else None
-        if volume is None:
-            volume = load_volume(path, max_voxels=max_voxels)
-            if self.cache is not None:
-                self.cache.put(key, volume)
-        return volume
+        return cached(self.cache, key, lambda: load_volume(path, max_voxels=max_voxels))
 
     def segmenter(self, progress: bool = True) -> VolumeSegmenter:
         return VolumeSegmenter(

@@ -32,7 +32,7 @@ from sdfsmis.io.volume import (
 from sdfsmis.methods import OneShotModel, Prediction
 from sdfsmis.pipeline import grounding, placement
 from sdfsmis.pipeline.acceleration import InferenceOptions
-from sdfsmis.pipeline.cache import ComputeCache, digest
+from sdfsmis.pipeline.cache import ComputeCache, cached, digest
 from sdfsmis.pipeline.grounding import Box
 from sdfsmis.pipeline.placement import Placement
 from sdfsmis.pipeline.stages import Stages
@@ -695,24 +695,14 @@ class VolumeSegmenter:
         their crops, then costs no second pass."""
         if not self.model.encodes_queries:
             return queries
-        key = b"queries" + digest(*slices)
-        encoded = self.cache.get(key) if self.cache is not None else None
-        if encoded is None:
-            encoded = self.model.encode_queries(queries)
-            if self.cache is not None:
-                self.cache.put(key, encoded)
-        return encoded
+        return cached(self.cache, b"queries" + digest(*slices), lambda: self.model.encode_queries(queries))
 
     def _support_row(self, images: torch.Tensor, masks: torch.Tensor, rows: list[bytes], i: int):
         """Support row ``i`` encoded alone (from the cache when the same crop and mask were encoded
         before)."""
-        key = b"support" + rows[i]
-        encoded = self.cache.get(key) if self.cache is not None else None
-        if encoded is None:
-            encoded = self.model.encode_support(images[i : i + 1], masks[i : i + 1])
-            if self.cache is not None:
-                self.cache.put(key, encoded)
-        return encoded
+        return cached(
+            self.cache, b"support" + rows[i], lambda: self.model.encode_support(images[i : i + 1], masks[i : i + 1])
+        )
 
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
@@ -736,11 +726,12 @@ class VolumeSegmenter:
             query_intensity if s.is_query(query) else Intensity.of(s.image.data, cfg.clip_percentiles) for s in supports
         ]
         clock.lap("prepare")
+        bounds = {id(query): query_intensity} | {id(s.image): i for s, i in zip(supports, intensities)}
         normalised_volumes: dict[int, np.ndarray] = {}
 
         def normalised(volume: Volume) -> np.ndarray:  # registration alone needs a whole normalised volume
             if id(volume) not in normalised_volumes:
-                normalised_volumes[id(volume)] = Intensity.of(volume.data, cfg.clip_percentiles).apply(volume.data)
+                normalised_volumes[id(volume)] = bounds[id(volume)].apply(volume.data)
             return normalised_volumes[id(volume)]
 
         labels = np.zeros(query.data.shape, dtype=label_type(max(label_ids)))

@@ -26,6 +26,13 @@ class Stages:
         logger.info("%s%s: %.3f s", f"{self.name} " if self.name else "", stage, spent)
         return spent
 
+    def absorb(self, stages: dict[str, float]) -> None:
+        """The time since the previous lap went to a run that timed (and logged) its own
+        ``stages``: those stand for it."""
+        self._last = time.perf_counter()
+        for stage, spent in stages.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
+
     @property
     def total(self) -> float:
         return self._last - self.started

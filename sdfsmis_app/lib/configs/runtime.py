@@ -15,7 +15,7 @@ import torch
 from lib.server.concurrency import InferenceGate
 from sdfsmis.io.backbone import DEFAULT_BACKBONE, DINOV2_HUB_ID, HOW_TO_GET, SD15_HUB_ID, resolve_backbone
 from sdfsmis.io.manifest import manifest_identity
-from sdfsmis.io.volume import Volume, load_volume
+from sdfsmis.io.volume import Volume
 from sdfsmis.methods import DEFAULT_METHOD, METHODS, method_class, weights_key
 from sdfsmis.pipeline.predictor import Predictor
 from sdfsmis.pipeline.segmenter import VolumeSegmenter
@@ -149,8 +149,6 @@ class ModelRuntime:
     def read_image(self, path: str) -> Volume:
         """The request's image, within the volume limit; kept with what the model computed, so that
         a re-run on the same image does not read it again (call after :meth:`segmenter`)."""
-        if self._predictor is None:
-            return load_volume(path, max_voxels=self.settings.max_voxels)
         return self._predictor.read_image(path, self.settings.max_voxels)
 
     def cache_stats(self) -> dict | None:

@@ -66,9 +66,7 @@ class OneShotInfer(InferTask):
         wanted = parse_label_ids(request.get("labels"), names)
         clock.lap("read")
         result = segmenter.segment_with(volumes, query, wanted)
-        clock.lap("segment")
-        del clock.seconds["segment"]  # told stage by stage instead
-        clock.seconds.update(result.stages)
+        clock.absorb(result.stages)
         # OHIF asks for raw NRRD (result_extension ".nrrd"), Slicer and the CLI get NIfTI
         suffix = request.get("result_extension") or ".nii.gz"
         if suffix not in LABEL_FORMATS:

@@ -52,7 +52,8 @@ def monailabel_server(studies: Path, log: Path, *conf: tuple[str, str], env: dic
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(process.pid, 15)
+        with suppress(ProcessLookupError):  # a server that failed to start has exited already
+            os.killpg(process.pid, 15)
         process.wait(timeout=30)
 
 

@@ -49,33 +49,40 @@ def _span(truth: Volume, label_id: int) -> np.ndarray:
     return np.flatnonzero((truth.data == label_id).any(axis=(0, 1)))
 
 
+def _serving(q: int, drawn_z: list[int]) -> tuple[set[int], set[int]]:
+    """The two drawn slices nearest ``q`` (ties to the lower one), and those that decide it: the
+    nearest below and above where it lies strictly between two, else the nearest."""
+    nearest = sorted(drawn_z, key=lambda z: (abs(z - q), z))[:2]
+    below, above = [z for z in drawn_z if z < q], [z for z in drawn_z if z > q]
+    deciding = {max(below), min(above)} if below and above and q not in drawn_z else {nearest[0]}
+    return set(nearest), deciding
+
+
 class CountingModel:
-    """Counts the query slices the model is asked to segment, and of those the ones it encodes
-    anew (DPL's features; the model itself runs unchanged)."""
+    """Counts the model's passes (a query slice against one of its serving supports), and the query
+    slices it encodes anew (DPL's features; the model itself runs unchanged)."""
 
     def __init__(self, model):
-        self.rows = self.encoded = 0
-        predict_each, predict_encoded, encode_queries = model.predict_each, model.predict_encoded, model.encode_queries
+        self.passes = self.encoded = 0
+        predict_encoded, encode_queries = model.predict_encoded, model.encode_queries
 
-        def counted(predict):  # the segmenter calls one of the two per batch
-            def call(support, queries, index):
-                self.rows += index.shape[0]
-                return predict(support, queries, index)
-
-            return call
+        def counted(support, queries, index):  # the segmenter's one way into the model
+            self.passes += index.shape[0] * index.shape[1]
+            return predict_encoded(support, queries, index)
 
         def encoding(query_image):
             self.encoded += query_image.shape[0]
             return encode_queries(query_image)
 
-        model.predict_each, model.predict_encoded = counted(predict_each), counted(predict_encoded)
-        model.encode_queries = encoding
+        model.predict_encoded, model.encode_queries = counted, encoding
 
 
-def _predictors(tiny_backbone, method: str, cache_bytes: int = 2**28) -> tuple[Predictor, Predictor]:
+def _predictors(
+    tiny_backbone, method: str, cache_bytes: int = 2**28, batch: int = BATCH
+) -> tuple[Predictor, Predictor]:
     """The same weights twice: one keeping what it computed, one computing everything."""
     settings = load_config(backbone=tiny_backbone)
-    settings.inference.batch_size = settings.inference.cpu_batch_size = BATCH
+    settings.inference.batch_size = settings.inference.cpu_batch_size = batch
     torch.manual_seed(0)
     model = load_model(method, tiny_backbone, settings)
     fresh = load_model(method, tiny_backbone, settings)
@@ -100,8 +107,9 @@ def test_a_correction_recomputes_only_the_slices_it_serves(patient, tiny_backbon
     cached, full = _predictors(tiny_backbone, method)
     counter = CountingModel(cached.model)
     first = cached.segment([SupportVolume(volume, _drawn(truth, (1,), drawn_z))], volume, progress=False)
-    first_rows, counter.rows, counter.encoded = counter.rows, 0, 0
-    assert first_rows == len(first.reports[1].query_slices)
+    k = min(cached.settings.inference.supports_per_query, len(drawn_z))  # serving supports per query slice
+    first_passes, counter.passes, counter.encoded = counter.passes, 0, 0
+    assert first_passes == k * len(first.reports[1].query_slices)
 
     low, high = drawn_z[1], drawn_z[2]  # an inner gap: slices outside it keep their two nearest drawings
     corrected = (low + high) // 2
@@ -113,18 +121,45 @@ def test_a_correction_recomputes_only_the_slices_it_serves(patient, tiny_backbon
     # batches of BATCH slices (z // BATCH), and nothing else
     changed = set(range(low + 1, high))
     batches = {z // BATCH for z in changed}
-    assert len(changed) <= counter.rows <= len(batches) * BATCH < first_rows
+    assert len(changed) <= counter.passes <= len(batches) * BATCH * k < first_passes
     if cached.model.encodes_queries:  # slices whose crops did not change keep their features
-        assert counter.encoded <= counter.rows
+        assert counter.encoded <= len(batches) * BATCH
 
     # a drawn slice redrawn (smaller): the same slices are served by it, its content changed
-    counter.rows = 0
+    counter.passes = 0
     redrawn = support.label.data.copy()
     redrawn[..., high] = ndimage.binary_erosion(redrawn[..., high] > 0, iterations=2) * redrawn[..., high]
     edited = SupportVolume(volume, dataclasses.replace(support.label, data=redrawn))
     once_more = cached.segment([edited], volume, progress=False)
     _same(once_more, full.segment([edited], volume, progress=False))
-    assert 0 < counter.rows < first_rows
+    assert 0 < counter.passes < first_passes
+
+
+def test_a_method_that_works_per_support_reruns_only_the_supports_a_correction_adds(patient, tiny_backbone):
+    """SD-FSMIS's query work depends on the support, so a slice's prediction against each serving
+    support is kept: beyond the outermost drawing, a correction next to it only adds itself as the
+    second serving support of those slices (the nearest still decides, its box is unchanged)."""
+    volume, truth = patient
+    span = _span(truth, 1)
+    drawn_z = [int(z) for z in span[:: max(1, len(span) // 4)]][:4]
+    cached, full = _predictors(tiny_backbone, "sdfsmis", batch=1)
+    counter = CountingModel(cached.model)
+    first = cached.segment([SupportVolume(volume, _drawn(truth, (1,), drawn_z))], volume, progress=False)
+    c, d, last = drawn_z[-2], drawn_z[-1], max(first.reports[1].query_slices)
+    corrected = d - 1
+    assert c < corrected - 1 and d < last  # a gap before the correction, slices beyond the outermost drawing
+    counter.passes = 0
+    support = SupportVolume(volume, _drawn(truth, (1,), sorted([*drawn_z, corrected])))
+    again = cached.segment([support], volume, progress=False)
+    _same(again, full.segment([support], volume, progress=False))
+    # a slice whose deciding drawings changed has a new box: both passes anew; one whose deciding
+    # drawing stayed (on or beyond a drawing) only its pass against a serving drawing it did not have
+    expected = changed = 0
+    for q in first.reports[1].query_slices:
+        before, after = _serving(q, drawn_z), _serving(q, sorted([*drawn_z, corrected]))
+        expected += 2 if before[1] != after[1] else len(after[0] - before[0])
+        changed += before != after
+    assert counter.passes == expected < 2 * changed  # both passes of every changed slice: nothing kept
 
 
 @pytest.mark.parametrize("method", ["dpl"])
@@ -137,18 +172,19 @@ def test_a_second_label_and_a_removed_support(patient, tiny_backbone, method):
     counter = CountingModel(cached.model)
     one = SupportVolume(volume, _drawn(truth, (1, 4), sorted({*liver_z, *spleen_z})))
     first = cached.segment([one], volume, [1], progress=False)
-    counter.rows = 0
+    k = min(cached.settings.inference.supports_per_query, len(spleen_z))  # serving supports per query slice
+    counter.passes = 0
 
     both = cached.segment([one], volume, [1, 4], progress=False)  # the spleen too: the liver is known
     _same(both, full.segment([one], volume, [1, 4], progress=False))
-    assert counter.rows == len(both.reports[4].query_slices)
+    assert counter.passes == k * len(both.reports[4].query_slices)
     np.testing.assert_array_equal(both.labels == 1, first.labels == 1)  # unless the spleen overlaps it
 
-    counter.rows = 0
+    counter.passes = 0
     fewer = SupportVolume(volume, _drawn(truth, (1, 4), sorted({*liver_z[:-1], *spleen_z})))  # one drawing undone
     removed = cached.segment([fewer], volume, [1, 4], progress=False)
     _same(removed, full.segment([fewer], volume, [1, 4], progress=False))
-    assert 0 < counter.rows < len(removed.reports[1].query_slices) + len(removed.reports[4].query_slices)
+    assert 0 < counter.passes < k * (len(removed.reports[1].query_slices) + len(removed.reports[4].query_slices))
 
 
 def test_the_cache_keeps_its_bound_and_evicts_the_oldest():

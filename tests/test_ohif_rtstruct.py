@@ -1,12 +1,17 @@
 """DICOMweb mode with RTSTRUCTs: an RT Structure Set stored in Orthanc for a series is that series'
 final label and serves as a support (ROI names and colours kept), a saved final label goes back
-as an RTSTRUCT with ``--conf result_format rtstruct``, and the bundled OHIF runs the model with an
-RTSTRUCT support. The real MONAI Label server (tiny backbone, untrained heads allowed: what is
-checked here is where labels come from and go, not segmentation quality) and Orthanc on loopback.
-Expected voxels are the generated labels, compared in RAS by nibabel."""
+as an RTSTRUCT with ``--conf result_format rtstruct``, the bundled OHIF runs the model with an
+RTSTRUCT support and lists the stored RTSTRUCT and SEG results (its Basic Viewer mode draws the
+RTSTRUCT), and an unknown result_format stops the server at start. The real MONAI Label server
+(tiny backbone, untrained heads allowed: what is checked here is where labels come from and go,
+not segmentation quality) and Orthanc on loopback. Expected voxels are the generated labels,
+compared in RAS by nibabel."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +30,7 @@ from sdfsmis.dicom.rtstruct import labels_to_rtstruct, referenced_series_uids
 from sdfsmis.dicom.series import nifti_to_series, write_series
 from sdfsmis.dicom.volume import load_segmentation, onto_series_grid, series_volume
 from sdfsmis.io.volume import load_volume
-from sdfsmis.samples.synthetic import make_volume, write_nifti
+from sdfsmis.samples.synthetic import make_studies, make_volume, write_nifti
 
 # ROI names and colours that no anatomy table gives: what is served must come from the RTSTRUCT
 ROIS = [
@@ -68,14 +73,21 @@ def studies(pacs, tmp_path_factory) -> dict[str, dict]:
         "rt_support": _upload(pacs, folder, "rt-support", 31, "RAS", rtstruct=True),
         "rt_ohif": _upload(pacs, folder, "rt-ohif", 32, "RAS", rtstruct=False),
         "rt_save": _upload(pacs, folder, "rt-save", 33, "LPS", rtstruct=False),
+        "rt_view": _upload(pacs, folder, "rt-view", 34, "RAS", rtstruct=False),
     }
 
 
 @pytest.fixture(scope="module")
 def server(pacs, studies, tiny_backbone, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dicomweb-rt-app")
+    with _app(pacs, tiny_backbone, tmp_path_factory.mktemp("dicomweb-rt-app"), "rtstruct") as url:
+        yield url
+
+
+@contextmanager
+def _app(pacs, tiny_backbone, root: Path, result_format: str) -> Iterator[str]:
+    """The app in DICOMweb mode on ``pacs``, storing saved final labels as ``result_format``."""
     conf = [("backbone", tiny_backbone), ("model_dir", root / "model"), ("allow_untrained", "true")]
-    conf.append(("result_format", "rtstruct"))
+    conf.append(("result_format", result_format))
     env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"), "HTTPS_PROXY": "http://127.0.0.1:9"}
     with monailabel_server(pacs.dicomweb, root / "server.log", *conf, env=env) as url:
         yield url
@@ -100,7 +112,7 @@ def _labels_in_pacs(pacs, modality: str, series_uid: str) -> list[Dataset]:
 
 def test_rtstruct_in_orthanc_is_listed_as_a_label_and_serves_as_support(server, studies, tmp_path):
     info = requests.get(f"{server}/info/", timeout=30).json()
-    assert info["datastore"]["total"] == 3  # the three CT series; the RTSTRUCT is a label, not an image
+    assert info["datastore"]["total"] == 4  # the four CT series; the RTSTRUCT is a label, not an image
     assert info["datastore"]["completed"] == 1  # rt-support is labelled, by its RTSTRUCT
     labels = info["models"]["sdfsmis"]["labels"]
     assert {name: labels[name] for name in ("Liver_CTV", "Spleen_CTV")} == {"Liver_CTV": 1, "Spleen_CTV": 4}
@@ -181,3 +193,140 @@ def test_result_format_rtstruct_stores_a_saved_label_as_rtstruct(server, pacs, s
     _, again = client.infer("sdfsmis", study["series"], dict(OHIF_PARAMS))
     assert again["support"]["source"] == "same_image_label"
     assert again["label_names"] == {"Liver_CTV": 1, "Spleen_CTV": 4}
+
+
+# what OHIF holds once a study is open: its display sets (one per series and SOP class handler),
+# and each segmentation with its segments and how the viewports draw it (Labelmap, Contour)
+OHIF_STATE = """
+if (!window.services) return {displaySets: [], segmentations: []};  // the viewer is still starting
+const {displaySetService, segmentationService, viewportGridService} = window.services;
+let viewports = [];
+try {
+  viewports = [...viewportGridService.getState().viewports.keys()];
+} catch (error) {}  // the grid is not laid out yet: nothing is drawn
+return {
+  displaySets: displaySetService.getActiveDisplaySets().map(d => [d.Modality, d.SeriesDescription]),
+  segmentations: segmentationService.getSegmentations().map(s => ({
+    segments: Object.values(s.segments).filter(Boolean).map(x => [x.segmentIndex, x.label]),
+    drawn: viewports.flatMap(v => segmentationService
+      .getSegmentationRepresentations(v, {segmentationId: s.segmentationId}).map(r => r.type)),
+  })),
+};
+"""
+
+
+@pytest.fixture(scope="module")
+def results_in_pacs(server, pacs, studies, tiny_backbone, tmp_path_factory) -> dict:
+    """rt-view's label saved as the app's result twice: an RTSTRUCT (``server``) and a SEG (the
+    same app with ``result_format seg``), both in the PACS beside the CT series."""
+    study = studies["rt_view"]
+    folder = tmp_path_factory.mktemp("rt-view-results")
+    MONAILabelClient(server, tmpdir=str(folder)).save_label(
+        study["series"], str(study["label"]), tag="final", params={"label_info": ROIS}
+    )
+    (folder / "seg-app").mkdir()
+    with _app(pacs, tiny_backbone, folder / "seg-app", "seg") as seg_server:
+        MONAILabelClient(seg_server, tmpdir=str(folder)).save_label(
+            study["series"], str(study["label"]), tag="final", params={"label_info": ROIS}
+        )
+    assert [len(_labels_in_pacs(pacs, kind, study["series"])) for kind in ("RTSTRUCT", "SEG")] == [1, 1]
+    return study
+
+
+def _open_study(driver, server: str, mode: str, study: dict):
+    """OHIF at ``/ohif/<mode>`` on a study, once its series thumbnails are listed."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{server}/ohif/{mode}?StudyInstanceUIDs={study['study']}")
+    wait = WebDriverWait(driver, 120, poll_frequency=0.5)
+    wait.until(lambda d: len(d.execute_script(OHIF_STATE)["displaySets"]) == 3)
+    return wait
+
+
+def _load_series(driver, wait, modality: str) -> None:
+    """Double-click a series' thumbnail, as a user loads it into the viewport."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    thumbnail = driver.find_element(By.XPATH, f"//*[normalize-space(text())='{modality}']")
+    ActionChains(driver).double_click(thumbnail).perform()
+
+
+def test_ohif_lists_the_rtstruct_and_seg_results_of_a_study(server, results_in_pacs, tmp_path):
+    driver = _chromium_driver(tmp_path / "profile")
+    try:  # the MONAI Label mode, where the app's users work
+        _open_study(driver, server, "monai-label", results_in_pacs)
+        state = driver.execute_script(OHIF_STATE)
+        page = driver.execute_script("return document.body.innerText")
+    finally:
+        driver.quit()
+    # CT "<name>.nii.gz" as nifti_to_series names it; both results as labels_to_rtstruct and labelmap_to_seg do
+    assert sorted(state["displaySets"]) == [
+        ["CT", "CT rt-view.nii.gz"],
+        ["RTSTRUCT", "SD-FSMIS label"],
+        ["SEG", "SD-FSMIS label"],
+    ]
+    # the study browser's thumbnails: modality, description, series number (301 RTSTRUCT, 300 SEG)
+    assert re.search(r"RTSTRUCT\s+SD-FSMIS label\s+S:301", page)
+    assert re.search(r"SEG\s+SD-FSMIS label\s+S:300", page)
+
+
+def test_ohif_basic_viewer_draws_the_rtstruct_result_with_its_roi_names(server, results_in_pacs, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = _chromium_driver(tmp_path / "profile")
+    try:  # the MONAI Label mode has no RTSTRUCT handler: the Basic Viewer (/ohif/viewer) has
+        wait = _open_study(driver, server, "viewer", results_in_pacs)
+        _load_series(driver, wait, "RTSTRUCT")
+        wait.until(lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='Yes']"))[0].click()
+        wait.until(lambda d: any(s["drawn"] for s in d.execute_script(OHIF_STATE)["segmentations"]))
+        (segmentation,) = driver.execute_script(OHIF_STATE)["segmentations"]
+    finally:
+        driver.quit()
+    assert segmentation == {"segments": [[1, "Liver_CTV"], [4, "Spleen_CTV"]], "drawn": ["Contour"]}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the app's SEG numbers its segments by label id (1, 4); the bundled OHIF 3.10 reads segment k as the "
+    "k-th item of the Segment Sequence and fails (TypeError in createSegmentationForSEGDisplaySet): docs/dicom.md",
+)
+def test_ohif_loads_the_seg_result_with_its_segment_names(server, results_in_pacs, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = _chromium_driver(tmp_path / "profile")
+    try:
+        wait = _open_study(driver, server, "viewer", results_in_pacs)
+        driver.get_log("browser")
+        _load_series(driver, wait, "SEG")
+        failed = []  # OHIF's own error, if it comes, ends the wait: the assertion below says what was shown
+        wait.until(
+            lambda d: (
+                d.find_elements(By.XPATH, "//button[normalize-space()='Yes']")
+                or failed.extend(e["message"] for e in d.get_log("browser") if e["level"] == "SEVERE")
+                or failed
+            )
+        )
+        if not failed:
+            driver.find_element(By.XPATH, "//button[normalize-space()='Yes']").click()
+            wait.until(lambda d: any(s["drawn"] for s in d.execute_script(OHIF_STATE)["segmentations"]))
+        segmentations = driver.execute_script(OHIF_STATE)["segmentations"]
+    finally:
+        driver.quit()
+    assert segmentations == [{"segments": [[1, "Liver_CTV"], [4, "Spleen_CTV"]], "drawn": ["Labelmap"]}], failed
+
+
+@pytest.mark.parametrize("studies_source", ["folder", "dicomweb"])
+def test_unknown_result_format_stops_the_server_naming_the_key_and_the_formats(
+    studies_source, pacs, tiny_backbone, tmp_path
+):
+    if studies_source == "folder":
+        make_studies(tmp_path / "studies", 1)
+    source = tmp_path / "studies" if studies_source == "folder" else pacs.dicomweb
+    conf = [("backbone", tiny_backbone), ("model_dir", tmp_path / "model"), ("result_format", "nrrd")]
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
+    with pytest.raises(RuntimeError, match="server did not start") as refused:
+        with monailabel_server(source, tmp_path / "server.log", *conf, env=env):
+            pass
+    assert "--conf result_format 'nrrd' is not one of: seg, rtstruct" in str(refused.value)

@@ -23,8 +23,9 @@ from sdfsmis.methods.base import Prediction
 class TrainingFree:
     """What the baselines share with :class:`~sdfsmis.methods.base.OneShotModel` without being
     torch modules: ``resolution``, a CPU ``device``, ``join_supports``, ``predict_each`` (k support
-    rows per query) and ``segment`` = ``predict(...).probability`` with support row 0 by default. Subclasses
-    implement ``encode_support`` and ``predict``."""
+    rows per query; ``predict_encoded`` the same, as their queries are not encoded apart) and
+    ``segment`` = ``predict(...).probability`` with support row 0 by default. Subclasses implement
+    ``encode_support`` and ``predict``."""
 
     method = "training-free"
     encodes_queries = False  # all of their query work depends on the support
@@ -41,6 +42,9 @@ class TrainingFree:
 
     def predict_each(self, support, query_image: torch.Tensor, index: torch.Tensor) -> list[Prediction]:
         return [self.predict(support, query_image, index[:, j]) for j in range(index.shape[1])]
+
+    def predict_encoded(self, support, queries: torch.Tensor, index: torch.Tensor) -> list[Prediction]:
+        return self.predict_each(support, queries, index)
 
     @torch.no_grad()
     def segment(self, support, query_image: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

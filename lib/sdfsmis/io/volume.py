@@ -75,7 +75,7 @@ class Volume:
         labels = self.to_original(array)
         dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
         if str(path).endswith(".nrrd"):
-            _write_itk(labels.astype(dtype), self.affine, Path(path))
+            _write_itk(labels.astype(dtype, copy=False), self.affine, Path(path))
             return Path(path)
         header = self.header.copy()
         header.set_data_dtype(dtype)

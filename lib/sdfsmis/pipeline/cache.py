@@ -26,14 +26,18 @@ T = TypeVar("T")
 
 
 def digest(*parts: bytes | str | float | int | np.ndarray | torch.Tensor) -> bytes:
-    """A 16-byte digest of arrays (their dtype, shape and bytes) and scalars, in order."""
+    """A 16-byte digest of arrays (their dtype, shape, memory order and bytes) and scalars, in order.
+    The memory order is part of it, so that no array is copied to another order to be hashed."""
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         if isinstance(part, torch.Tensor):
             part = part.detach().cpu().contiguous().numpy()
         if isinstance(part, np.ndarray):
-            h.update(f"{part.dtype}{part.shape}".encode())
-            h.update(np.ascontiguousarray(part).data)
+            if not (part.flags.c_contiguous or part.flags.f_contiguous):
+                part = part.copy(order="K")  # a crop of a Fortran-ordered volume stays Fortran: no transposing copy
+            fortran = not part.flags.c_contiguous
+            h.update(f"{part.dtype}{part.shape}{'F' if fortran else 'C'}".encode())
+            h.update((part.T if fortran else part).data)
         elif isinstance(part, bytes):
             h.update(part)
         else:

@@ -99,8 +99,8 @@ def where_it_ends(mask: np.ndarray, annotated: np.ndarray, continuity: float) ->
     first slice that does not (an empty one included) and everything beyond it are cleared."""
     if not len(annotated):
         return mask
-    mask = mask.copy()
-    area = mask.sum(axis=(0, 1))
+    mask = mask.copy(order="K")
+    area = np.count_nonzero(mask, axis=(0, 1))
     for start, step in ((int(np.max(annotated)), 1), (int(np.min(annotated)), -1)):
         z = start + step
         while 0 <= z < mask.shape[2] and area[z] > 0 and area[z] >= continuity * area[z - step]:
@@ -128,16 +128,11 @@ def signed_distance_mm(mask: np.ndarray, spacing: tuple[float, float]) -> np.nda
     return (inside - outside).astype(np.float32)
 
 
-def drawn_shape(
-    drawn: np.ndarray,
-    support_z: list[int],
-    query_z: np.ndarray,
-    index: np.ndarray,
-    weights: np.ndarray,
-    spacing: tuple[float, float, float],
-) -> np.ndarray:
-    """The signed distance (mm) [X, Y, Q] of the structure the drawings ``drawn`` [X, Y, Z] imply on
-    each query slice.
+class DrawnShape:
+    """The signed distance (mm) of the structure the drawings ``drawn`` [X, Y, Z] on ``support_z``
+    imply on any query slice (:meth:`on`). Each drawing's signed distance is computed once, when a
+    slice it serves first asks for it: a re-run after a correction asks only for the slices the
+    correction changed.
 
     - Between two drawn slices: their signed distances blended with the serving weights
       (``index``/``weights`` [Q, k], :func:`~sdfsmis.pipeline.segmenter.serving_supports`), linear in z; where
@@ -148,23 +143,51 @@ def drawn_shape(
       rounded end). So the structure ends where the drawings say instead of running on as a prism;
       the span, not the gaps, so that a correction between drawn slices leaves the ends alone.
     """
-    distances = np.stack([signed_distance_mm(drawn[..., z], spacing[:2]) for z in support_z], axis=-1)
-    areas = (distances > 0).sum(axis=(0, 1))
-    low, high = min(support_z), max(support_z)
-    beyond = np.maximum(low - query_z, query_z - high).clip(min=0)
-    closes = END_SHARE * (high - low)  # slices beyond the outermost drawn one
-    shape = np.empty(drawn.shape[:2] + (len(query_z),), dtype=np.float32)
-    for q in range(len(query_z)):
-        deciding = index[q][weights[q] > 0]
-        blend = distances[..., index[q]] @ weights[q]
-        if len(deciding) > 1 and (blend > 0).sum() < 0.5 * areas[deciding].min():
-            blend = distances[..., index[q][0]]
-        if beyond[q]:
-            nearest = distances[..., index[q][0]]
-            per_slice = nearest.max() / closes if closes else spacing[2]
-            blend = blend - beyond[q] * per_slice
-        shape[..., q] = blend
-    return shape
+
+    def __init__(self, drawn: np.ndarray, support_z: list[int], spacing: tuple[float, float, float]):
+        self.drawn, self.support_z, self.spacing = drawn, list(support_z), spacing
+        self.areas = np.array([np.count_nonzero(drawn[..., z]) for z in self.support_z])
+        self.low, self.high = min(self.support_z), max(self.support_z)
+        self._distances: dict[int, np.ndarray] = {}
+
+    def distance(self, i: int) -> np.ndarray:
+        """Support ``i``'s signed distance (mm), computed on first use."""
+        if i not in self._distances:
+            self._distances[i] = signed_distance_mm(self.drawn[..., self.support_z[i]], self.spacing[:2])
+        return self._distances[i]
+
+    def on(self, query_z: np.ndarray, index: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """[X, Y, Q]: the shape on query slices ``query_z`` served by support rows ``index`` [Q, k]."""
+        beyond = np.maximum(self.low - query_z, query_z - self.high).clip(min=0)
+        closes = END_SHARE * (self.high - self.low)  # slices beyond the outermost drawn one
+        shape = np.empty(self.drawn.shape[:2] + (len(query_z),), dtype=np.float32, order="F")
+        for q in range(len(query_z)):
+            deciding = index[q][weights[q] > 0]
+            blend = np.zeros(self.drawn.shape[:2], dtype=np.float32)
+            for i, w in zip(index[q], weights[q]):
+                if w > 0:
+                    blend += np.float32(w) * self.distance(int(i))
+            if len(deciding) > 1 and np.count_nonzero(blend > 0) < 0.5 * self.areas[deciding].min():
+                blend = self.distance(int(index[q][0]))
+            if beyond[q]:
+                nearest = self.distance(int(index[q][0]))
+                per_slice = nearest.max() / closes if closes else self.spacing[2]
+                blend = blend - np.float32(beyond[q] * per_slice)
+            shape[..., q] = blend
+        return shape
+
+
+def drawn_shape(
+    drawn: np.ndarray,
+    support_z: list[int],
+    query_z: np.ndarray,
+    index: np.ndarray,
+    weights: np.ndarray,
+    spacing: tuple[float, float, float],
+) -> np.ndarray:
+    """The signed distance (mm) [X, Y, Q] of the structure the drawings imply on each query slice
+    (:class:`DrawnShape`)."""
+    return DrawnShape(drawn, support_z, spacing).on(query_z, index, weights)
 
 
 def carried_shape(carried: np.ndarray, query_z: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

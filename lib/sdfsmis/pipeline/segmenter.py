@@ -11,7 +11,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -133,7 +133,7 @@ class SegmentationResult:
         """The labels with each non-empty review region as a segment of its own (:func:`review_ids`)
         and {label id: review id}. A review voxel leaves its label's segment: a labelmap holds one
         segment per voxel."""
-        labels = self.labels.copy()
+        labels = self.labels.copy(order="K")
         ids = {k: v for k, v in review_ids(set(self.reports)).items() if k in self.review and self.review[k].any()}
         for label_id, review_id in ids.items():
             labels[self.review[label_id]] = review_id
@@ -220,15 +220,19 @@ def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1)
 def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np.ndarray:
     """3-D consistency: keep the components that touch the annotation (same volume), or the
     largest component (another volume)."""
-    components, count = ndimage.label(mask)
+    # labelled in the mask's own memory order (connectivity does not depend on the axes' order)
+    fortran = not mask.flags.c_contiguous
+    components, count = ndimage.label(mask.T if fortran else mask)
+    components = components.T if fortran else components
     if count <= 1:
         return mask
     if seeds is not None and seeds.any():
-        keep = np.unique(components[seeds & mask])
-        keep = keep[keep > 0]
-        if keep.size:
-            return np.isin(components, keep)
-    sizes = np.bincount(components.ravel())[1:]
+        kept = np.zeros(count + 1, dtype=bool)
+        kept[components[seeds & mask]] = True
+        kept[0] = False
+        if kept.any():
+            return kept[components]
+    sizes = np.bincount(components.ravel(order="K"))[1:]
     return components == (sizes.argmax() + 1)
 
 
@@ -327,6 +331,20 @@ def slice_confidence(prediction: Prediction, uncertainty: torch.Tensor, threshol
     return torch.where(area > 0, 1 - 4 * mean, torch.ones_like(mean))
 
 
+def slice_outputs(predictions: list[Prediction], weights: torch.Tensor, threshold: float) -> SliceOutputs:
+    """Query slices' predictions from each of their k serving supports (``weights`` [B, k],
+    :func:`serving_supports`) -> their outputs; all k weigh alike in the doubt."""
+    prediction = combine_supports(predictions, weights)
+    members = torch.full_like(weights, 1.0 / weights.shape[1])  # every serving support doubts alike
+    uncertainty = member_variance(prediction, members)
+    if uncertainty is None:
+        return SliceOutputs(prediction.probability.float())
+    confidence = slice_confidence(prediction, uncertainty, threshold)
+    return SliceOutputs(
+        prediction.probability.float(), uncertainty, confidence, dissent(prediction, members, threshold)
+    )
+
+
 def segment_slices(
     model: OneShotModel,
     support,
@@ -336,12 +354,10 @@ def segment_slices(
     progress: bool = False,
     threshold: float = 0.5,
     weights: torch.Tensor | None = None,
-    encoded: bool = False,
 ) -> SliceOutputs:
-    """Query slices [Q, 1, H, W] on the model's device (``encoded``: what the model's
-    ``encode_queries`` made of them), each against support rows ``index`` [Q] or its k serving ones
-    [Q, k] combined with ``weights`` [Q, k] (:func:`serving_supports`; all k weigh alike in the
-    doubt), in batches that share the encoded support; nothing goes back to the host per batch."""
+    """Query slices [Q, 1, H, W] on the model's device, each against support rows ``index`` [Q]
+    or its k serving ones [Q, k] combined with ``weights`` [Q, k] (:func:`slice_outputs`), in
+    batches that share the encoded support; nothing goes back to the host per batch."""
     if index.dim() == 1:
         index = index[:, None]
     if weights is None:
@@ -351,20 +367,8 @@ def segment_slices(
     outputs = []
     for s in bar:
         part = slice(s, s + batch_size)
-        predict = model.predict_encoded if encoded else model.predict_each
-        predictions = predict(support, queries[part], index[part])
-        prediction = combine_supports(predictions, weights[part])
-        members = torch.full_like(weights[part], 1.0 / index.shape[1])  # every serving support doubts alike
-        uncertainty = member_variance(prediction, members)
-        if uncertainty is None:
-            outputs.append(SliceOutputs(prediction.probability.float()))
-            continue
-        confidence = slice_confidence(prediction, uncertainty, threshold)
-        outputs.append(
-            SliceOutputs(
-                prediction.probability.float(), uncertainty, confidence, dissent(prediction, members, threshold)
-            )
-        )
+        predictions = model.predict_each(support, queries[part], index[part])
+        outputs.append(slice_outputs(predictions, weights[part], threshold))
     return SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs)))
 
 
@@ -403,6 +407,45 @@ class Source:
     grounded: bool = False
     carried: Box | None = None
     carried_drawing: np.ndarray | None = None
+
+
+class FusedSlices(NamedTuple):
+    """A batch of query slices' maps over the label's region after the fusion with its shape: what
+    a re-run takes from the cache where nothing that decides them changed."""
+
+    probability: np.ndarray  # [X, Y, n] float32
+    uncertainty: np.ndarray | None = None  # [X, Y, n] float16, 0 off the shape's contour
+    dissent: np.ndarray | None = None  # [X, Y, n] float16
+    confidence: np.ndarray | None = None  # [n]
+
+
+@dataclass
+class LabelShape:
+    """The shape a label's query slices are fused with (:mod:`sdfsmis.pipeline.grounding`): how far
+    the model may move it, the shape on given query rows, and the digest of what decides it there."""
+
+    reach: float
+    on_rows: Callable[[np.ndarray], np.ndarray]  # query rows -> signed mm [X, Y, n] over the region
+    key: Callable[[np.ndarray], bytes]
+
+
+@dataclass
+class LabelWork:
+    """One label's inputs to its batches of query slices: the support rows (crops and masks on the
+    host, their digests, their encodings once made), each query slice's serving rows and weights,
+    box and digest, the label's region and its shape."""
+
+    support_images: torch.Tensor
+    support_masks: torch.Tensor
+    rows: list[bytes]
+    index: np.ndarray  # [Q, k] support rows serving each query slice
+    weights: np.ndarray  # [Q, k]
+    query_z: np.ndarray
+    boxes: list[Box]
+    slices: list[bytes]
+    region: Box
+    shape: LabelShape | None
+    encoded: dict[int, Any] = field(default_factory=dict)
 
 
 class VolumeSegmenter:
@@ -519,25 +562,28 @@ class VolumeSegmenter:
         boxes: list[Box],
         intensity: Intensity | None = None,
         mode: str = "bilinear",
-    ):
+    ) -> torch.Tensor:
         """Axial slices ``z`` of ``data``, each cropped to its box, normalised by ``intensity`` (only
         these voxels are) and resampled to the model's input [N, 1, R, R] (slices sharing a box in
-        one call), and each slice's grid for the way back."""
+        one call), on the host."""
         pad = -1.0 if mode == "bilinear" else 0.0
         out = torch.empty((len(z), 1, self.resolution, self.resolution), dtype=torch.float32)
-        grids = [SliceGrid(b.x1 - b.x0, b.y1 - b.y0, self.resolution) for b in boxes]
         for box, rows in _grouped(boxes).items():
             crop = data[box.index + (np.asarray(z)[rows],)]
             if intensity is not None:
                 crop = intensity.apply(crop)
-            out[rows] = grids[rows[0]].to_model(axial_slices(crop, np.arange(len(rows))), mode=mode, pad_value=pad)
-        return out.to(self.model.device), grids
+            grid = SliceGrid(box.x1 - box.x0, box.y1 - box.y0, self.resolution)
+            out[rows] = grid.to_model(axial_slices(crop, np.arange(len(rows))), mode=mode, pad_value=pad)
+        return out
 
     def _segment_label(self, sources: list[Source], query: Volume, intensity: Intensity, clock: Stages) -> LabelMaps:
         """Probability, uncertainty and dissent maps (None where members cannot disagree) of one
         label from every support volume that has it, over its region: each query slice against its
         serving support slices of each volume (equal weight per volume), each support row encoded
-        once; only the query slices and the in-plane boxes the sources place it in are segmented."""
+        once; only the query slices and the in-plane boxes the sources place it in are segmented.
+        The slices go in batches aligned to absolute slice numbers, each fused with the drawn shape
+        on its own (:meth:`_fused_batch`), so that a re-run takes every batch nothing changed in
+        from the cache."""
         query_spacing = ras_spacing(query)
         first = min(s.place.first for s in sources)
         last = max(s.place.last for s in sources)
@@ -561,12 +607,11 @@ class VolumeSegmenter:
             served.append(ServedBy(source.volume.name, support_z, place))
             support_boxes, boxes = self._boxes(source, support_z, serving)
             query_boxes.append(boxes)
-            images.append(self._crops(source.data, support_z, support_boxes, source.intensity)[0])
-            coverage = self._crops(drawn, support_z, support_boxes)[0]
+            images.append(self._crops(source.data, support_z, support_boxes, source.intensity))
+            coverage = self._crops(drawn, support_z, support_boxes)
             mask = (coverage > 0.5).float()
             thin = mask.flatten(1).sum(dim=1) == 0  # a structure thinner than a model pixel: keep any overlap
             masks.append(torch.where(thin[:, None, None, None], (coverage > 0).float(), mask))
-        index, weight = (torch.from_numpy(np.concatenate(a, axis=1)).to(self.model.device) for a in (indices, weights))
         whole = Box.whole(query.data.shape)
         boxes = [
             whole if any(b is None for b in per_source) else functools.reduce(Box.union, per_source)
@@ -576,37 +621,30 @@ class VolumeSegmenter:
         for source in sources:  # the query's own drawing lies inside, every slice of it
             if source.volume.is_query(query):
                 region = region.union(grounding.box_around(source.drawn, (1.0, 1.0), 0.0, 0.0))
-        queries, grids = self._crops(query.data, query_z, boxes, intensity)  # one upload for the whole stack
+        support_images, support_masks = torch.cat(images), torch.cat(masks)
+        work = LabelWork(
+            support_images,
+            support_masks,
+            [digest(image, mask) for image, mask in zip(support_images, support_masks)],
+            np.concatenate(indices, axis=1),
+            np.concatenate(weights, axis=1),
+            query_z,
+            boxes,
+            [digest(query.data[b.index + (int(z),)], b, intensity.low, intensity.high) for b, z in zip(boxes, query_z)],
+            region,
+            self._label_shape(own, sources, region, query_z, query_spacing),
+        )
         clock.lap("crops")
-        outputs, computed = self._model_outputs(torch.cat(images), torch.cat(masks), queries, query_z, index, weight)
-        clock.lap("model")
-
-        reach = self.config.shape_reach_mm
-        shape = None  # signed mm of the drawn (or carried) structure on each query slice, over the region
-        if own is not None:
-            drawn, support_z, serving = own
-            shape = grounding.drawn_shape(
-                drawn[region.index], support_z, query_z, serving.index, serving.weights, query_spacing
-            )
-        atlases = [s.carried_drawing[region.index] for s in sources if s.carried_drawing is not None]
-        if shape is None and atlases:  # no drawing in the query itself: the mean of the carried ones
-            shape = sum(grounding.carried_shape(a, query_z, query_spacing) for a in atlases) / len(atlases)
-            reach = max(reach, self.config.carried_reach_mm)
-
-        def region_of(slices: torch.Tensor) -> np.ndarray:
-            array = np.zeros((region.x1 - region.x0, region.y1 - region.y0, len(query_z)), dtype=np.float32)
-            for box, rows in _grouped(boxes).items():
-                pixels = grids[rows[0]].from_model(slices[rows].float()).cpu().numpy()[:, 0]
-                inside = (slice(box.x0 - region.x0, box.x1 - region.x0), slice(box.y0 - region.y0, box.y1 - region.y0))
-                array[inside + (rows,)] = np.moveaxis(pixels, 0, -1)
-            return array
-
-        probability = region_of(outputs.probability)
-        if shape is not None:
-            probability = grounding.with_drawn_shape(probability, shape, reach, self.config.threshold)
+        batches = Stages(self.model.method, log=False)
+        parts, computed = [], 0
+        for rows in self._batches(query_z):
+            part, ran = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
+            parts.append(part)
+            computed += len(rows) if ran else 0
+        clock.absorb(batches.seconds, log=True)
         maps = LabelMaps(
             region.index + (slice(first, last + 1),),
-            probability,
+            np.concatenate([part.probability for part in parts], axis=2),  # a copy: the cache's parts stay as they are
             report=LabelReport(
                 support_slices=[z for s in served for z in s.support_slices],
                 query_slices=[int(z) for z in query_z],
@@ -614,95 +652,180 @@ class VolumeSegmenter:
                 computed_slices=computed,
             ),
         )
-        if outputs.confidence is None:
+        if parts[0].confidence is None:
             return maps
-        # the members' doubt counts only along the shape's contour (within the model's reach of it, at
-        # least a pixel): elsewhere the shape decides, and their doubt there changes nothing
-        contour = None if shape is None else np.abs(shape) <= max(reach, *query_spacing[:2])
-        maps.uncertainty, maps.dissent = region_of(outputs.uncertainty), region_of(outputs.dissent)
-        confidence = outputs.confidence.cpu().numpy()
-        if contour is not None:
-            maps.uncertainty *= contour
-            maps.dissent *= contour
-            area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
-            confidence = np.where(area > 0, 1 - 4 * maps.uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
-        maps.report.confidence = [round(float(c), 4) for c in confidence]
+        maps.uncertainty = np.concatenate([part.uncertainty for part in parts], axis=2)
+        maps.dissent = np.concatenate([part.dissent for part in parts], axis=2)
+        maps.report.confidence = [round(float(c), 4) for part in parts for c in part.confidence]
         return maps
 
-    def _model_outputs(
+    def _label_shape(
         self,
-        support_images: torch.Tensor,
-        support_masks: torch.Tensor,
-        queries: torch.Tensor,
+        own: tuple[np.ndarray, list[int], Serving] | None,
+        sources: list[Source],
+        region: Box,
         query_z: np.ndarray,
-        index: torch.Tensor,
-        weights: torch.Tensor,
-    ) -> tuple[SliceOutputs, int]:
-        """The model's outputs for query slices ``query_z`` (:func:`segment_slices`) and how many
-        of them the model segmented in this run. Every unit is computed in a fixed composition, so
-        that a cached unit and a recomputed one are the same bits: each support row encoded alone,
-        the query slices in batches aligned to absolute slice numbers (``z // batch_size``). With
-        a cache, a unit whose inputs were computed before is taken from it, and only the support
-        rows the remaining batches need are encoded."""
-        cache = self.cache
-        threshold = self.config.threshold
-        rows = [digest(image, mask) for image, mask in zip(support_images, support_masks)]
-        slices = [digest(query) for query in queries]
-        chunk_of = query_z // self.batch_size
-        batches = [np.flatnonzero(chunk_of == c) for c in np.unique(chunk_of)]
-        index_cpu, weights_cpu = index.cpu().numpy(), weights.cpu().numpy()
-        keys = [
-            digest(
-                threshold,
-                *(part for q in batch for part in (slices[q], *(rows[i] for i in index_cpu[q]))),
-                weights_cpu[batch],
+        spacing: tuple[float, float, float],
+    ) -> LabelShape | None:
+        """The shape a label's slices are fused with, over its region: the drawn one in the annotated
+        volume, else the mean of the drawings carried from other volumes; None without either."""
+        if own is not None:
+            drawn, support_z, serving = own
+            inside = drawn[region.index]
+            shape = grounding.DrawnShape(inside, support_z, spacing)
+            drawings = [digest(inside[..., z]) for z in support_z]
+            return LabelShape(
+                self.config.shape_reach_mm,
+                lambda rows: shape.on(query_z[rows], serving.index[rows], serving.weights[rows]),
+                lambda rows: digest(
+                    b"drawn",
+                    shape.low,
+                    shape.high,
+                    query_z[rows],
+                    *(drawings[i] for i in serving.index[rows].ravel()),
+                    serving.weights[rows],
+                ),
             )
-            for batch in batches
-        ]
-        found = [cache.get(key) if cache is not None else None for key in keys]
-        missing = [b for b, outputs in enumerate(found) if outputs is None]
-        if missing:
-            needed = np.unique(np.concatenate([index_cpu[batches[b]].ravel() for b in missing]))
-            position = torch.full((len(rows),), -1, dtype=torch.long)
-            position[torch.from_numpy(needed)] = torch.arange(len(needed))
-            position = position.to(index.device)
-            bar = tqdm(missing, desc="query slices", unit="batch", disable=not self.progress or len(missing) < 2)
-            with torch.inference_mode(), self.options.autocast(self.model.device):
-                support = self.model.join_supports(
-                    [self._support_row(support_images, support_masks, rows, int(i)) for i in needed]
-                )
-                for b in bar:
-                    batch = torch.from_numpy(batches[b]).to(index.device)
-                    outputs = segment_slices(
-                        self.model,
-                        support,
-                        self._encoded_queries(queries[batch], [slices[q] for q in batches[b]]),
-                        position[index[batch]],
-                        len(batch),
-                        threshold=threshold,
-                        weights=weights[batch],
-                        encoded=self.model.encodes_queries,
-                    )
-                    found[b] = SliceOutputs(*(None if o is None else o.cpu() for o in outputs))
-                    if cache is not None:
-                        cache.put(keys[b], found[b])
-        outputs = SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*found)))
-        return outputs, sum(len(batches[b]) for b in missing)
+        atlases = [s.carried_drawing[region.index] for s in sources if s.carried_drawing is not None]
+        if not atlases:
+            return None
+        return LabelShape(
+            max(self.config.shape_reach_mm, self.config.carried_reach_mm),
+            lambda rows: sum(grounding.carried_shape(a, query_z[rows], spacing) for a in atlases) / len(atlases),
+            lambda rows: digest(b"carried", *(a[..., query_z[rows]] for a in atlases)),
+        )
+
+    def _batches(self, query_z: np.ndarray) -> list[np.ndarray]:
+        """The query slices' rows in batches aligned to absolute slice numbers (``z // batch_size``):
+        a batch holds the same slices whatever else a request segments."""
+        chunk_of = query_z // self.batch_size
+        return [np.flatnonzero(chunk_of == c) for c in np.unique(chunk_of)]
+
+    def _model_key(self, work: LabelWork, rows: np.ndarray) -> bytes:
+        """The digest of everything a batch's model outputs depend on."""
+        parts = (part for q in rows for part in (work.slices[q], *(work.rows[i] for i in work.index[q])))
+        return digest(self.config.threshold, *parts, work.weights[rows])
+
+    def _fused_batch(
+        self,
+        work: LabelWork,
+        rows: np.ndarray,
+        query: Volume,
+        intensity: Intensity,
+        spacing: tuple[float, float, float],
+        clock: Stages,
+    ) -> tuple[FusedSlices, bool]:
+        """One batch of query slices fused with the label's shape over its region (from the cache
+        when nothing that decides it changed), and whether the model ran for it."""
+        shape = work.shape
+        key = digest(
+            b"fused",
+            self._model_key(work, rows),
+            work.region,
+            *(work.boxes[q] for q in rows),
+            b"" if shape is None else shape.key(rows),
+            None if shape is None else shape.reach,
+            spacing,
+        )
+        fused = self.cache.get(key) if self.cache is not None else None
+        if fused is not None:
+            return fused, False
+        outputs, ran = self._model_outputs(work, rows, query.data, intensity, clock)
+        region, threshold = work.region, self.config.threshold
+
+        def region_of(slices: torch.Tensor) -> np.ndarray:
+            array = np.zeros((region.x1 - region.x0, region.y1 - region.y0, len(rows)), dtype=np.float32, order="F")
+            for box, local in _grouped([work.boxes[q] for q in rows]).items():
+                grid = SliceGrid(box.x1 - box.x0, box.y1 - box.y0, self.resolution)
+                pixels = grid.from_model(slices[local]).numpy()[:, 0]
+                inside = (slice(box.x0 - region.x0, box.x1 - region.x0), slice(box.y0 - region.y0, box.y1 - region.y0))
+                array[inside + (local,)] = np.moveaxis(pixels, 0, -1)
+            return array
+
+        probability = region_of(outputs.probability)
+        shape_mm = None if shape is None else shape.on_rows(rows)
+        if shape_mm is not None:
+            probability = grounding.with_drawn_shape(probability, shape_mm, shape.reach, threshold)
+        if outputs.confidence is None:
+            fused = FusedSlices(probability)
+        else:
+            uncertainty, dissent = region_of(outputs.uncertainty), region_of(outputs.dissent)
+            confidence = outputs.confidence.numpy()
+            if shape_mm is not None:
+                # the members' doubt counts only along the shape's contour (within the model's reach of it,
+                # at least a pixel): elsewhere the shape decides, and their doubt there changes nothing
+                contour = np.abs(shape_mm) <= max(shape.reach, *spacing[:2])
+                uncertainty *= contour
+                dissent *= contour
+                area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
+                confidence = np.where(area > 0, 1 - 4 * uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
+            fused = FusedSlices(probability, uncertainty.astype(np.float16), dissent.astype(np.float16), confidence)
+        clock.lap("fusion")
+        if self.cache is not None:
+            self.cache.put(key, fused)
+        return fused, ran
+
+    def _model_outputs(
+        self, work: LabelWork, rows: np.ndarray, data: np.ndarray, intensity: Intensity, clock: Stages
+    ) -> tuple[SliceOutputs, bool]:
+        """The model's outputs for one batch of query slices (:func:`slice_outputs`), on the host,
+        and whether the model ran for them. Every unit is computed in a fixed composition, so that a
+        cached unit and a recomputed one are the same bits: each support row encoded alone, the
+        batch against each serving column alone. A method whose query work depends on the support
+        (SD-FSMIS) keeps each column's prediction: a correction that adds one serving support to a
+        slice costs one pass, not k; one that encodes its queries once (DPL) keeps the encoding."""
+        key = self._model_key(work, rows)
+        outputs = self.cache.get(key) if self.cache is not None else None
+        if outputs is not None:
+            return outputs, False
+        queries = self._crops(data, work.query_z[rows], [work.boxes[q] for q in rows], intensity)
+        clock.lap("crops")
+        device = self.model.device
+        slices = [work.slices[q] for q in rows]
+        per_column = self.cache if not self.model.encodes_queries else None
+        predictions = []
+        with torch.inference_mode(), self.options.autocast(device):
+            encoded = self._encoded_queries(queries, slices)
+            for column in work.index[rows].T:
+
+                def predict(column: np.ndarray = column) -> Prediction:
+                    needed = np.unique(column)
+                    support = self.model.join_supports([self._support_row(work, int(i)) for i in needed])
+                    position = torch.from_numpy(np.searchsorted(needed, column)).to(device)
+                    p = self.model.predict_encoded(support, encoded, position[:, None])[0]
+                    variants = None if p.variants is None else p.variants.float().cpu()
+                    return Prediction(p.probability.float().cpu(), variants)
+
+                key_j = digest(b"column", *slices, *(work.rows[i] for i in column))
+                predictions.append(cached(per_column, key_j, predict))
+        outputs = slice_outputs(predictions, torch.from_numpy(work.weights[rows]), self.config.threshold)
+        clock.lap("model")
+        if self.cache is not None:
+            self.cache.put(key, outputs)
+        return outputs, True
 
     def _encoded_queries(self, queries: torch.Tensor, slices: list[bytes]):
         """One batch of query slices through the model's ``encode_queries``, kept when that is work
         (DPL's features): a correction that changes only which supports serve these slices, not
         their crops, then costs no second pass."""
+        queries = queries.to(self.model.device)
         if not self.model.encodes_queries:
             return queries
         return cached(self.cache, b"queries" + digest(*slices), lambda: self.model.encode_queries(queries))
 
-    def _support_row(self, images: torch.Tensor, masks: torch.Tensor, rows: list[bytes], i: int):
-        """Support row ``i`` encoded alone (from the cache when the same crop and mask were encoded
-        before)."""
-        return cached(
-            self.cache, b"support" + rows[i], lambda: self.model.encode_support(images[i : i + 1], masks[i : i + 1])
-        )
+    def _support_row(self, work: LabelWork, i: int):
+        """Support row ``i`` encoded alone, once per request (and from the cache when the same crop
+        and mask were encoded before)."""
+        if i not in work.encoded:
+            work.encoded[i] = cached(
+                self.cache,
+                b"support" + work.rows[i],
+                lambda: self.model.encode_support(
+                    work.support_images[i : i + 1].to(self.model.device),
+                    work.support_masks[i : i + 1].to(self.model.device),
+                ),
+            )
+        return work.encoded[i]
 
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
@@ -734,8 +857,11 @@ class VolumeSegmenter:
                 normalised_volumes[id(volume)] = bounds[id(volume)].apply(volume.data)
             return normalised_volumes[id(volume)]
 
-        labels = np.zeros(query.data.shape, dtype=label_type(max(label_ids)))
-        best = np.zeros(query.data.shape, dtype=np.float32) if len(label_ids) > 1 else None  # overlaps: the likelier
+        # volume-sized arrays in the volume's memory order (Fortran, as NIfTI stores it): slice by slice
+        # operations then run over contiguous memory
+        order = "F" if query.data.flags.f_contiguous else "C"
+        labels = np.zeros(query.data.shape, dtype=label_type(max(label_ids)), order=order)
+        best = np.zeros(query.data.shape, dtype=np.float32, order=order) if len(label_ids) > 1 else None
         result = SegmentationResult(labels)
         registrations: dict[int, placement.Registration] = {}
         for label_id in label_ids:
@@ -759,26 +885,26 @@ class VolumeSegmenter:
                 drawn = own[0]
                 annotated = drawn.any(axis=(0, 1))
                 mask[..., annotated] = drawn[..., annotated]
-                probability[drawn] = 1.0
+                np.copyto(probability, 1.0, where=drawn)
                 if maps.uncertainty is not None:  # drawn slices are certain
                     maps.uncertainty[..., annotated] = 0.0
                     maps.dissent[..., annotated] = 0.0
                     report.confidence = [1.0 if a else c for a, c in zip(annotated, report.confidence)]
             if maps.uncertainty is not None:
                 result.doubt[label_id] = Patch(region, maps.uncertainty)
-                result.review[label_id] = np.zeros(query.data.shape, dtype=bool)
+                result.review[label_id] = np.zeros(query.data.shape, dtype=bool, order=order)
                 result.review[label_id][region] = maps.dissent >= cfg.review_dissent
             if best is None:
-                labels[region][mask] = label_id
+                np.copyto(labels[region], label_id, where=mask)
             else:
                 likelier = best[region]
                 win = mask & (probability > likelier)
-                labels[region][win] = label_id
-                likelier[win] = probability[win]
+                np.copyto(labels[region], label_id, where=win)
+                np.copyto(likelier, probability, where=win)
             result.reports[label_id] = report
             clock.lap("post-processing")
         for label_id, report in result.reports.items():
-            report.voxels = int((labels == label_id).sum())
+            report.voxels = int(np.count_nonzero(labels == label_id))
         clock.lap("post-processing")
         result.stages, result.seconds = clock.seconds, clock.total
         return result

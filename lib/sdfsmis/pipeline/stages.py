@@ -11,10 +11,12 @@ logger = logging.getLogger(__name__)
 
 class Stages:
     """A stopwatch with named laps, each logged as it ends (a server's log shows a long run move
-    on); a stage met again adds up (one per label, say)."""
+    on); a stage met again adds up (one per label, say). ``log`` False: a stopwatch for many short
+    laps (a batch each) whose sums another one logs (:meth:`absorb`)."""
 
-    def __init__(self, name: str = "") -> None:
+    def __init__(self, name: str = "", log: bool = True) -> None:
         self.name = name
+        self.log = log
         self.started = self._last = time.perf_counter()
         self.seconds: dict[str, float] = {}
 
@@ -23,15 +25,21 @@ class Stages:
         now = time.perf_counter()
         spent, self._last = now - self._last, now
         self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
-        logger.info("%s%s: %.3f s", f"{self.name} " if self.name else "", stage, spent)
+        if self.log:
+            self._log(stage, spent)
         return spent
 
-    def absorb(self, stages: dict[str, float]) -> None:
-        """The time since the previous lap went to a run that timed (and logged) its own
-        ``stages``: those stand for it."""
+    def absorb(self, stages: dict[str, float], log: bool = False) -> None:
+        """The time since the previous lap went to a run that timed its own ``stages``: those stand
+        for it (``log``: and are logged here, where that run did not)."""
         self._last = time.perf_counter()
         for stage, spent in stages.items():
             self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
+            if log:
+                self._log(stage, spent)
+
+    def _log(self, stage: str, spent: float) -> None:
+        logger.info("%s%s: %.3f s", f"{self.name} " if self.name else "", stage, spent)
 
     @property
     def total(self) -> float:

@@ -23,6 +23,8 @@ from sdfsmis.settings import Settings, load_config
 
 logger = logging.getLogger(__name__)
 TRUE = {"1", "true", "yes", "on"}
+#: how a saved final label goes back to a DICOMweb PACS (``--conf result_format``): DICOM SEG or RTSTRUCT
+RESULT_FORMATS = ("seg", "rtstruct")
 
 
 class ModelUnavailable(RuntimeError):
@@ -61,9 +63,18 @@ class AppSettings:
             allow_untrained=str(conf.get("allow_untrained", "false")).lower() in TRUE,
             preset=conf.get("preset"),
             modalities=str(conf.get("modalities", "CT,MR")).split(","),
-            result_format=str(conf.get("result_format") or "seg").strip().lower(),
+            result_format=_result_format(conf),
             **{key: kind(conf[key]) for key, kind in _LIMITS.items() if conf.get(key) not in (None, "")},
         )
+
+
+def _result_format(conf: dict[str, str]) -> str:
+    """``--conf result_format``, checked at start whatever the datastore: with a studies folder a
+    typo was taken silently, to surface only once the same conf served a PACS."""
+    value = str(conf.get("result_format") or "seg").strip().lower()
+    if value not in RESULT_FORMATS:
+        raise ValueError(f"--conf result_format {value!r} is not one of: {', '.join(RESULT_FORMATS)}")
+    return value
 
 
 _LIMITS = {

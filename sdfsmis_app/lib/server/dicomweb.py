@@ -34,6 +34,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from lib.configs.runtime import RESULT_FORMATS
 from lib.infers.support import label_colour
 from sdfsmis import __version__
 from sdfsmis.dicom.reader import read_series_folder
@@ -46,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 FINAL = DefaultLabelTag.FINAL.value
 SEG_CATALOG_TTL_S = 5  # a SEG exported from a viewer is seen within seconds
-#: how a saved final label goes back to the PACS (``--conf result_format``)
-RESULT_FORMATS = ("seg", "rtstruct")
 #: the DICOM series' dates and times that may stamp a label object, first found wins
 _STAMPS = (
     ("SeriesDate", "SeriesTime"),

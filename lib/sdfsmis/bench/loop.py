@@ -68,6 +68,7 @@ def _server_run(predictor: Predictor, image: Path, label: Path, output: Path) ->
         "stages": {k: round(v, 3) for k, v in clock.seconds.items()},
         "slices": result.slices_segmented,
         "slices_computed": sum(r.computed_slices for r in result.reports.values()),
+        "passes_computed": sum(r.computed_passes for r in result.reports.values()),
         "peak_memory_mb": round(_resident_mb("VmHWM") - baseline, 1),
     }
 
@@ -154,7 +155,11 @@ def format_loop_table(result: dict) -> str:
     for name in ("first", "rerun", "full_recompute"):
         run = result[name]
         rows += [
-            (f"{name} server s", f"{run['seconds']:.2f} ({run['slices_computed']} of {run['slices']} slices computed)"),
+            (
+                f"{name} server s",
+                f"{run['seconds']:.2f} ({run['slices_computed']} of {run['slices']} slices, "
+                f"{run['passes_computed']} model passes computed)",
+            ),
             ("  stages s", stages(run)),
             ("  peak memory above the model", f"{run['peak_memory_mb']:.0f} MB"),
         ]

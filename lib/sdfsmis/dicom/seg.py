@@ -1,13 +1,16 @@
 """Labelmaps <-> DICOM SEG, keeping each segment's label id, name and display colour.
 
 A radiologist's annotation reaches a PACS as a DICOM SEG (exported from OHIF or Slicer); our
-results go back the same way. Segment numbers are the label ids, so a SEG used as a support
-gives results with the same ids, names and colours. Written with pydicom-seg (no dcmqi binary
-needed, so it works offline).
+results go back the same way. A SEG used as a support gives results with the same label ids,
+names and colours. DICOM numbers a SEG's segments 1..N (PS3.3 C.8.20.2; OHIF and highdicom rely
+on it), which cannot hold label ids such as 1 and 4, so each segment we write carries its label
+id in its Tracking ID (:data:`TRACKING_ID`); a SEG of another tool is read with its segment
+numbers as label ids. Written with pydicom-seg (no dcmqi binary needed, so it works offline).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pydicom
 import pydicom_seg
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pydicom_seg.template import from_dcmqi_metainfo, rgb_to_cielab
 
 from sdfsmis.dicom.reader import DicomSeries
@@ -23,6 +27,16 @@ from sdfsmis.dicom.series import RAS_TO_LPS
 from sdfsmis.io.volume import VolumeError, label_type
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+#: Tracking ID (0062,0020) of each segment we write: its label id. Segment Number must run 1..N
+#: and Segment Label is the name the user reads; Tracking ID is the Segment Description Macro's
+#: standard text for following one structure across objects (its Tracking UID (0062,0021) is
+#: required beside it: a new UID per segment written), and SEG toolkits carry it (dcmqi's and
+#: pydicom-seg's TrackingIdentifier, highdicom's tracking_id), where a private tag would need a
+#: private creator and may be dropped. A form of our own, so that another tool's tracking text
+#: ("lesion 1") is never read as a label id.
+TRACKING_ID = "SDFSMIS label {}"
+_TRACKED = re.compile(r"SDFSMIS label ([1-9][0-9]*)")
 
 # a fixed palette for labels that come without a colour (id -> RGB), distinct at a glance
 PALETTE = [(221, 130, 101), (185, 102, 83), (144, 238, 144), (157, 108, 162), (216, 101, 79), (111, 184, 210)]
@@ -54,11 +68,26 @@ def cielab_to_rgb(scaled: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(round(float(v) * 255)) for v in srgb)
 
 
+def label_ids(seg: Dataset) -> dict[int, int]:
+    """Segment Number -> label id of a SEG dataset (header only is enough): the ids our Tracking
+    IDs carry where every segment has one and they differ; else (a SEG of another tool, or one a
+    tool extended) the segment numbers themselves, never a mix that could give two segments one id."""
+    items = list(seg.get("SegmentSequence", []))
+    numbers = [int(item.SegmentNumber) for item in items]
+    tracked = [_TRACKED.fullmatch(str(item.get("TrackingID", ""))) for item in items]
+    ids = [int(match.group(1)) for match in tracked if match]
+    if len(ids) == len(numbers) and len(set(ids)) == len(ids):
+        return dict(zip(numbers, ids))
+    return {number: number for number in numbers}
+
+
 def segments_of(seg: Dataset) -> list[dict]:
-    """[{"idx", "name", "color"}] of a SEG dataset (header only is enough)."""
+    """[{"idx", "name", "color"}] of a SEG dataset (header only is enough); idx is the label id."""
     segments = []
+    ids = label_ids(seg)
     for item in seg.get("SegmentSequence", []):
-        entry = {"idx": int(item.SegmentNumber), "name": str(item.get("SegmentLabel", f"label_{item.SegmentNumber}"))}
+        idx = ids[int(item.SegmentNumber)]
+        entry = {"idx": idx, "name": str(item.get("SegmentLabel", f"label_{idx}"))}
         if "RecommendedDisplayCIELabValue" in item:
             entry["color"] = list(cielab_to_rgb([int(v) for v in item.RecommendedDisplayCIELabValue]))
         segments.append(entry)
@@ -68,15 +97,16 @@ def segments_of(seg: Dataset) -> list[dict]:
 def _template(
     label_info: list[dict], present: list[int], description: str, algorithm: str, algorithm_type: str
 ) -> Dataset:
+    """The SEG template: segment k (1..N) describes the k-th label id of ``present``."""
     by_idx = {int(entry["idx"]): entry for entry in label_info if "idx" in entry}
     attributes = []
-    for idx in present:
+    for number, idx in enumerate(present, 1):
         entry = by_idx.get(idx, {})
         name = str(entry.get("name") or f"label_{idx}")
         colour = [int(v) for v in list(entry.get("color") or palette_colour(idx))[:3]]
         attributes.append(
             {
-                "labelID": idx,
+                "labelID": number,
                 "SegmentLabel": name,
                 "SegmentDescription": name,
                 "SegmentAlgorithmType": algorithm_type,
@@ -110,8 +140,10 @@ def _template(
         }
     )
     # pydicom-seg fills RecommendedDisplayCIELabValue from the RGB value; keep it explicit for readers
-    for item, attribute in zip(template.SegmentSequence, attributes):
+    for item, attribute, idx in zip(template.SegmentSequence, attributes, present):
         item.RecommendedDisplayCIELabValue = rgb_to_cielab(attribute["recommendedDisplayRGBValue"])
+        item.TrackingID = TRACKING_ID.format(idx)
+        item.TrackingUID = generate_uid()
     return template
 
 
@@ -125,21 +157,27 @@ def labelmap_to_seg(
     software_version: str | None = None,
 ):
     """A labelmap on the image's voxel grid (any ITK-readable file) and the image series' datasets
-    (headers are enough) -> one DICOM SEG instance that references the series. Raises ValueError
+    (headers are enough) -> one DICOM SEG instance that references the series, its segments
+    numbered 1..N in label-id order, each with its label id in its Tracking ID. Raises ValueError
     for an empty labelmap. ``algorithm`` names what drew the segments (each segment's
     SegmentAlgorithmName); ``software_version``, where given, is its version (SoftwareVersions,
     beside pydicom-seg's own), so that a reader can tell which release produced a result."""
     mask = sitk.Cast(sitk.ReadImage(str(label_path)), sitk.sitkUInt16)
-    present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(mask)) if v)
+    ids = sitk.GetArrayViewFromImage(mask)
+    present = sorted(int(v) for v in np.unique(ids) if v)
     if not present:
         raise ValueError("the label is empty: nothing to store as a DICOM SEG")
+    to_number = np.zeros(present[-1] + 1, dtype=label_type(len(present)))
+    to_number[present] = np.arange(1, len(present) + 1)
+    numbered = sitk.GetImageFromArray(to_number[ids])
+    numbered.CopyInformation(mask)
     writer = pydicom_seg.MultiClassWriter(
         template=_template(label_info, present, description, algorithm, algorithm_type),
         inplane_cropping=False,
         skip_empty_slices=False,
         skip_missing_segment=False,
     )
-    seg = writer.write(mask, sources)
+    seg = writer.write(numbered, sources)
     if software_version is not None:
         seg.SoftwareVersions = [f"{algorithm} {software_version}", f"pydicom-seg {seg.SoftwareVersions}"]
     seg.preamble = b"\0" * 128  # a complete Part-10 file, whatever writer sends it on
@@ -147,18 +185,25 @@ def labelmap_to_seg(
 
 
 def seg_to_labelmap(seg_path: str | Path, output: str | Path) -> list[dict]:
-    """A DICOM SEG file -> a labelmap file (ids = segment numbers) and its segments' info."""
+    """A DICOM SEG file -> a labelmap file (ids: :func:`label_ids`) and its segments' info."""
     seg = pydicom.dcmread(str(seg_path))
     result = pydicom_seg.MultiClassReader().read(seg)
-    sitk.WriteImage(result.image, str(output), True)
+    ids = label_ids(seg)
+    to_id = np.zeros(max(ids) + 1, dtype=label_type(max(ids.values())))
+    for number, idx in ids.items():
+        to_id[number] = idx
+    labels = sitk.GetImageFromArray(to_id[result.data])  # result.data: segment numbers, [k, j, i]
+    labels.CopyInformation(result.image)
+    sitk.WriteImage(labels, str(output), True)
     return segments_of(seg)
 
 
-def seg_to_series_labels(seg: Dataset, series: DicomSeries, numbers: Sequence[int]) -> np.ndarray:
-    """The segments ``numbers`` of a SEG -> a label array on ``series``' voxel grid [i, j, k]
-    (ids = segment numbers; where segments overlap, the higher number wins). Each frame is put on
-    the slice its ImagePositionPatient falls on, so a SEG that skips empty slices or crops its
-    frames in-plane lands where it belongs; frames off the series' planes or grid are refused."""
+def seg_to_series_labels(seg: Dataset, series: DicomSeries, ids: Sequence[int]) -> np.ndarray:
+    """The segments of label ids ``ids`` (:func:`label_ids`, as :func:`segments_of` gives them) of
+    a SEG -> a label array of those ids on ``series``' voxel grid [i, j, k] (where segments
+    overlap, the higher id wins). Each frame is put on the slice its ImagePositionPatient falls
+    on, so a SEG that skips empty slices or crops its frames in-plane lands where it belongs;
+    frames off the series' planes or grid are refused."""
     shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else Dataset()
     frames = seg.pixel_array
     if frames.ndim == 2:  # pydicom decodes a single frame without its frame axis
@@ -167,12 +212,13 @@ def seg_to_series_labels(seg: Dataset, series: DicomSeries, numbers: Sequence[in
     threshold = float(seg.get("MaximumFractionalValue", 1)) / 2 if fractional else 0
     inverse = np.linalg.inv(RAS_TO_LPS @ series.affine)
     first = series.datasets[0]
-    labels = np.zeros(series.data.shape, dtype=label_type(max(numbers, default=0)))
+    labels = np.zeros(series.data.shape, dtype=label_type(max(ids, default=0)))
     by_number: dict[int, list[int]] = {}
     for index, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
         identification = group.get("SegmentIdentificationSequence") or shared.get("SegmentIdentificationSequence")
         by_number.setdefault(int(identification[0].ReferencedSegmentNumber), []).append(index)
-    for number in sorted(numbers):
+    chosen = set(ids)
+    for idx, number in sorted((idx, number) for number, idx in label_ids(seg).items() if idx in chosen):
         for index in by_number.get(number, []):
             group = seg.PerFrameFunctionalGroupsSequence[index]
             orientation = (group.get("PlaneOrientationSequence") or shared.PlaneOrientationSequence)[0]
@@ -197,5 +243,5 @@ def seg_to_series_labels(seg: Dataset, series: DicomSeries, numbers: Sequence[in
             mask = (frames[index] > threshold).T  # frame rows follow j, columns i
             i1, j1 = min(i0 + mask.shape[0], labels.shape[0]), min(j0 + mask.shape[1], labels.shape[1])
             part = mask[max(0, -i0) : i1 - i0, max(0, -j0) : j1 - j0]
-            labels[max(0, i0) : i1, max(0, j0) : j1, k][part] = number
+            labels[max(0, i0) : i1, max(0, j0) : j1, k][part] = idx
     return labels

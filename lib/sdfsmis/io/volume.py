@@ -5,7 +5,7 @@ round trip), and the way back to the exact geometry of the image that was sent."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -39,6 +39,16 @@ class Volume:
     shape: tuple[int, ...]  # the ORIGINAL shape
     header: nib.Nifti1Header
     path: Path
+    _bounds: dict[tuple[float, float], Intensity] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def intensity(self, percentiles: tuple[float, float]) -> Intensity:
+        """The intensity bounds of :attr:`data` (:class:`Intensity`), taken once per volume: a re-run
+        on the same volume (kept by a server, never changed in place) skips the percentiles. A
+        volume made with ``dataclasses.replace`` takes its own."""
+        key = (float(percentiles[0]), float(percentiles[1]))
+        if key not in self._bounds:
+            self._bounds[key] = Intensity.of(self.data, key)
+        return self._bounds[key]
 
     def from_original(self, array: np.ndarray) -> np.ndarray:
         """An array in the original voxel order (e.g. a cached label) -> RAS working orientation."""

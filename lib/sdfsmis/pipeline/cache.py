@@ -28,7 +28,7 @@ T = TypeVar("T")
 def digest(*parts: bytes | str | float | int | np.ndarray | torch.Tensor) -> bytes:
     """A 16-byte digest of arrays (their dtype, shape, memory order and bytes) and scalars, in order.
     The memory order is part of it, so that no array is copied to another order to be hashed."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()  # the fastest hashlib digest where the CPU has SHA instructions (x86-64 since 2017)
     for part in parts:
         if isinstance(part, torch.Tensor):
             part = part.detach().cpu().contiguous().numpy()
@@ -43,7 +43,7 @@ def digest(*parts: bytes | str | float | int | np.ndarray | torch.Tensor) -> byt
         else:
             h.update(repr(part).encode())
         h.update(b"\x00")
-    return h.digest()
+    return h.digest()[:16]
 
 
 def nbytes(value: Any) -> int:

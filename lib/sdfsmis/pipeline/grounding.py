@@ -201,16 +201,8 @@ def with_drawn_shape(probability: np.ndarray, shape_mm: np.ndarray, reach_mm: fl
     """The model's ``probability`` fused with the drawn ``shape_mm`` (signed mm): the model's vote
     (-1 at 0, +1 at 1, 0 at ``threshold``) moves the drawn contour outwards or inwards by up to
     ``reach_mm``. Returned as a probability that crosses ``threshold`` on the fused contour."""
-    # in place on one float32 array: a large structure's region is most of the volume
-    above = probability >= threshold
-    fused = probability / np.float32(threshold) - 1
-    fused[above] = (probability[above] - threshold) / (1 - threshold)
-    fused += shape_mm / np.float32(reach_mm)
-    np.tanh(fused, out=fused)
-    above = fused >= 0
-    fused[above] *= 1 - threshold
-    fused[above] += threshold
-    below = ~above
-    fused[below] += 1
-    fused[below] *= threshold
+    t = np.float32(threshold)
+    vote = np.where(probability >= t, (probability - t) / (1 - t), probability / t - 1)
+    fused = np.tanh(vote + shape_mm / np.float32(reach_mm), out=vote)
+    fused = np.where(fused >= 0, t + fused * (1 - t), (fused + 1) * t)
     return fused.astype(np.float32, copy=False)

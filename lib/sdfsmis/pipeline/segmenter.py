@@ -59,6 +59,7 @@ class LabelReport:
     confidence: list[float] | None = None  # per query slice, when the method gives uncertainty
     served_by: list[ServedBy] = field(default_factory=list)
     computed_slices: int = 0  # query slices the model segmented in this run (the others were cached)
+    computed_passes: int = 0  # of their passes (a slice against one serving support), those the model ran
 
     def review_slices(self, count: int) -> list[int]:
         """The ``count`` query slices of lowest confidence (below 1), lowest first."""
@@ -169,6 +170,7 @@ class SegmentationResult:
             "seconds": round(self.seconds, 3),
             "seconds_per_slice": round(self.seconds / max(self.slices_segmented, 1), 4),
             "slices_computed": {str(k): r.computed_slices for k, r in self.reports.items()},
+            "passes_computed": {str(k): r.computed_passes for k, r in self.reports.items()},
             "stages": {stage: round(seconds, 3) for stage, seconds in self.stages.items()},
         }
 
@@ -230,7 +232,10 @@ def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np
         kept = np.zeros(count + 1, dtype=bool)
         kept[components[seeds & mask]] = True
         kept[0] = False
-        if kept.any():
+        ids = np.flatnonzero(kept)
+        if len(ids) == 1:  # the usual case: a comparison, not a gather over the region
+            return components == ids[0]
+        if len(ids):
             return kept[components]
     sizes = np.bincount(components.ravel(order="K"))[1:]
     return components == (sizes.argmax() + 1)
@@ -636,11 +641,11 @@ class VolumeSegmenter:
         )
         clock.lap("crops")
         batches = Stages(self.model.method, log=False)
-        parts, computed = [], 0
+        parts, computed, passes = [], 0, 0
         for rows in self._batches(query_z):
             part, ran = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
             parts.append(part)
-            computed += len(rows) if ran else 0
+            computed, passes = computed + (len(rows) if ran else 0), passes + ran
         clock.absorb(batches.seconds, log=True)
         maps = LabelMaps(
             region.index + (slice(first, last + 1),),
@@ -650,6 +655,7 @@ class VolumeSegmenter:
                 query_slices=[int(z) for z in query_z],
                 served_by=served,
                 computed_slices=computed,
+                computed_passes=passes,
             ),
         )
         if parts[0].confidence is None:
@@ -714,9 +720,9 @@ class VolumeSegmenter:
         intensity: Intensity,
         spacing: tuple[float, float, float],
         clock: Stages,
-    ) -> tuple[FusedSlices, bool]:
+    ) -> tuple[FusedSlices, int]:
         """One batch of query slices fused with the label's shape over its region (from the cache
-        when nothing that decides it changed), and whether the model ran for it."""
+        when nothing that decides it changed), and the model passes it took (0: none ran)."""
         shape = work.shape
         key = digest(
             b"fused",
@@ -729,7 +735,7 @@ class VolumeSegmenter:
         )
         fused = self.cache.get(key) if self.cache is not None else None
         if fused is not None:
-            return fused, False
+            return fused, 0
         outputs, ran = self._model_outputs(work, rows, query.data, intensity, clock)
         region, threshold = work.region, self.config.threshold
 
@@ -767,42 +773,52 @@ class VolumeSegmenter:
 
     def _model_outputs(
         self, work: LabelWork, rows: np.ndarray, data: np.ndarray, intensity: Intensity, clock: Stages
-    ) -> tuple[SliceOutputs, bool]:
+    ) -> tuple[SliceOutputs, int]:
         """The model's outputs for one batch of query slices (:func:`slice_outputs`), on the host,
-        and whether the model ran for them. Every unit is computed in a fixed composition, so that a
-        cached unit and a recomputed one are the same bits: each support row encoded alone, the
-        batch against each serving column alone. A method whose query work depends on the support
-        (SD-FSMIS) keeps each column's prediction: a correction that adds one serving support to a
-        slice costs one pass, not k; one that encodes its queries once (DPL) keeps the encoding."""
-        key = self._model_key(work, rows)
+        and the passes the model ran for them (0: all were kept). Every unit is computed in a fixed
+        composition, so that a cached unit and a recomputed one are the same bits: each support row
+        encoded alone, the batch against each serving column alone. A method whose query work
+        depends on the support (SD-FSMIS) keeps each column's prediction: a correction that adds one
+        serving support to a slice costs one pass, not k; one that encodes its queries once (DPL)
+        keeps the encoding, and its passes are cheap."""
+        key = self._model_key(work, rows)  # kept too: a fusion that changes alone (a new region) reuses them
         outputs = self.cache.get(key) if self.cache is not None else None
         if outputs is not None:
-            return outputs, False
-        queries = self._crops(data, work.query_z[rows], [work.boxes[q] for q in rows], intensity)
-        clock.lap("crops")
+            return outputs, 0
         device = self.model.device
         slices = [work.slices[q] for q in rows]
         per_column = self.cache if not self.model.encodes_queries else None
-        predictions = []
+        encoded = None
+        predictions, passes = [], 0
+
+        def queries():  # cropped and encoded once, when a pass first needs them
+            nonlocal encoded
+            if encoded is None:
+                crops = self._crops(data, work.query_z[rows], [work.boxes[q] for q in rows], intensity)
+                clock.lap("crops")
+                encoded = self._encoded_queries(crops, slices)
+            return encoded
+
         with torch.inference_mode(), self.options.autocast(device):
-            encoded = self._encoded_queries(queries, slices)
             for column in work.index[rows].T:
 
                 def predict(column: np.ndarray = column) -> Prediction:
+                    nonlocal passes
+                    passes += len(column)
                     needed = np.unique(column)
                     support = self.model.join_supports([self._support_row(work, int(i)) for i in needed])
                     position = torch.from_numpy(np.searchsorted(needed, column)).to(device)
-                    p = self.model.predict_encoded(support, encoded, position[:, None])[0]
+                    p = self.model.predict_encoded(support, queries(), position[:, None])[0]
                     variants = None if p.variants is None else p.variants.float().cpu()
                     return Prediction(p.probability.float().cpu(), variants)
 
-                key_j = digest(b"column", *slices, *(work.rows[i] for i in column))
-                predictions.append(cached(per_column, key_j, predict))
+                column_key = digest(b"column", *slices, *(work.rows[i] for i in column))
+                predictions.append(cached(per_column, column_key, predict))
         outputs = slice_outputs(predictions, torch.from_numpy(work.weights[rows]), self.config.threshold)
         clock.lap("model")
         if self.cache is not None:
             self.cache.put(key, outputs)
-        return outputs, True
+        return outputs, passes
 
     def _encoded_queries(self, queries: torch.Tensor, slices: list[bytes]):
         """One batch of query slices through the model's ``encode_queries``, kept when that is work
@@ -844,9 +860,9 @@ class VolumeSegmenter:
         clock = Stages(self.model.method)
         cfg = self.config
         label_ids = select_supported_ids(supports, label_ids)
-        query_intensity = Intensity.of(query.data, cfg.clip_percentiles)
+        query_intensity = query.intensity(cfg.clip_percentiles)
         intensities = [
-            query_intensity if s.is_query(query) else Intensity.of(s.image.data, cfg.clip_percentiles) for s in supports
+            query_intensity if s.is_query(query) else s.image.intensity(cfg.clip_percentiles) for s in supports
         ]
         clock.lap("prepare")
         bounds = {id(query): query_intensity} | {id(s.image): i for s, i in zip(supports, intensities)}

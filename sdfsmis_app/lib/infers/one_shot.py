@@ -94,6 +94,7 @@ class OneShotInfer(InferTask):
             "seconds_per_slice": summary["seconds_per_slice"],
             # the query slices the model segmented now; the others were kept from an earlier run
             "slices_computed": {names[k]: r.computed_slices for k, r in result.reports.items()},
+            "passes_computed": {names[k]: r.computed_passes for k, r in result.reports.items()},
             "stages": {stage: round(seconds, 3) for stage, seconds in clock.seconds.items()},
         }
         if result.has_uncertainty:  # per label, slices numbered as in the returned image

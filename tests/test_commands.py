@@ -407,16 +407,18 @@ def test_upload_dicom_reads_back_with_the_nifti_voxels_and_geometry(orthanc, tmp
             segs.append(seg)
     assert len(segs) == 1
     seg = segs[0]
-    assert {(int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence} == {(1, "liver"), (4, "spleen")}
+    # DICOM numbers segments 1..N; each carries its label id (1, 4) in its Tracking ID (docs/dicom.md)
+    segments = [(int(s.SegmentNumber), str(s.SegmentLabel), str(s.TrackingID)) for s in seg.SegmentSequence]
+    assert segments == [(1, "liver", "SDFSMIS label 1"), (2, "spleen", "SDFSMIS label 4")]
     to_voxel = np.linalg.inv(np.diag([-1.0, -1.0, 1.0, 1.0]) @ read_affines["ct.nii.gz"])  # LPS mm -> voxel
     frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
     seen = set()
     for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
-        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        idx = (1, 4)[int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) - 1]  # segment 1, 2
         position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
         k = int(round((to_voxel @ [*position, 1.0])[2]))
-        np.testing.assert_array_equal(frame.T.astype(bool), label[..., k] == number)
-        seen.add((number, k))
+        np.testing.assert_array_equal(frame.T.astype(bool), label[..., k] == idx)
+        seen.add((idx, k))
     assert {(n, k) for n in (1, 4) for k in range(label.shape[2]) if (label[..., k] == n).any()} <= seen
 
 

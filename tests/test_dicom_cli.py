@@ -1,7 +1,9 @@
 """DICOM in and out of `sdfsmis infer` and the library: image series folders (axial, coronal with
 non-square pixels, oblique) written from NIfTI with real affines, SEG and RTSTRUCT supports (also
 RTSTRUCTs written by other tools: pydicom's test file and rt-utils), SEG and RTSTRUCT results that
-reference the query series, and the refusals (gantry tilt, gap, another series' segmentation).
+reference the query series, SEG segments numbered 1..N that read back as their label ids (and a
+SEG of another tool, built by hand, read by its segment numbers), and the refusals (gantry tilt,
+gap, another series' segmentation).
 
 Expected voxels always come from the NIfTI the series was written from, taken onto the
 series' grid through world coordinates (:func:`on_grid`), and DICOM outputs are read back with
@@ -24,7 +26,7 @@ from pydicom.data import get_testdata_file
 
 from sdfsmis.cli import main
 from sdfsmis.dicom.rtstruct import labels_to_rtstruct
-from sdfsmis.dicom.seg import labelmap_to_seg, segments_of
+from sdfsmis.dicom.seg import labelmap_to_seg, seg_to_labelmap, segments_of
 from sdfsmis.dicom.series import volume_to_series, write_series
 from sdfsmis.dicom.volume import load_segmentation, load_series
 from sdfsmis.io.volume import VolumeError
@@ -139,6 +141,120 @@ def test_labelmap_rtstruct_and_seg_round_trips(series, geometry, tmp_path):
     back, entries = load_segmentation(tmp_path / "seg.dcm", read)
     np.testing.assert_array_equal(back.to_original(back.data), truth)
     assert [(e["idx"], e["name"]) for e in entries] == [(e["idx"], e["name"]) for e in NAMES]
+
+
+def test_seg_numbers_its_segments_1_to_n_and_reads_back_the_label_ids(series, tmp_path):
+    """Labels 1 and 4 (liver, spleen) become Segment Numbers 1 and 2 (DICOM: from 1 by 1, what OHIF
+    reads), each segment's frames the voxels of its label (read by pydicom-seg, not our reader),
+    and our readers give back 1 and 4, voxel for voxel, with their names."""
+    folder, _, label, affine, _ = series["oblique"]
+    _, read = load_series(folder)
+    gapped = np.where(np.isin(label, [1, 4]), label, 0)
+    label_file = write_nifti(tmp_path / "gapped.nii.gz", gapped, affine, np.uint8)
+    labelmap_to_seg(label_file, read.datasets, NAMES, "gapped").save_as(str(tmp_path / "seg.dcm"))
+
+    seg = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    numbers = [int(item.SegmentNumber) for item in seg.SegmentSequence]
+    assert numbers == [1, 2] and [str(item.SegmentLabel) for item in seg.SegmentSequence] == ["liver", "spleen"]
+    referenced = {
+        int(g.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for g in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert referenced == {1, 2}
+    truth = on_grid(gapped, affine, read.affine, read.data.shape)
+    for number, idx in ((1, 1), (2, 4)):
+        np.testing.assert_array_equal(
+            _seg_on_grid(tmp_path / "seg.dcm", number, read.affine, truth.shape), truth == idx
+        )
+    # the label id rides in each segment's Tracking ID, beside the Tracking UID the standard requires with it
+    assert [str(item.TrackingID) for item in seg.SegmentSequence] == ["SDFSMIS label 1", "SDFSMIS label 4"]
+    uids = [pydicom.uid.UID(str(item.TrackingUID)) for item in seg.SegmentSequence]
+    assert all(uid.is_valid for uid in uids) and len(set(uids)) == 2
+
+    back, entries = load_segmentation(tmp_path / "seg.dcm", read)  # the CLI's and the app's support reader
+    assert [(e["idx"], e["name"]) for e in entries] == [(1, "liver"), (4, "spleen")]
+    np.testing.assert_array_equal(back.to_original(back.data), truth)
+    segments = seg_to_labelmap(tmp_path / "seg.dcm", tmp_path / "back.nii.gz")  # the app's import of a stored SEG
+    assert [(e["idx"], e["name"]) for e in segments] == [(1, "liver"), (4, "spleen")]
+    labelmap = nib.load(tmp_path / "back.nii.gz")
+    np.testing.assert_array_equal(
+        np.asarray(labelmap.dataobj), on_grid(gapped, affine, labelmap.affine, labelmap.shape)
+    )
+
+
+def _seg_of_another_tool(read, truth: np.ndarray, segments: list[tuple[int, str, str | None]]) -> pydicom.Dataset:
+    """A BINARY SEG on ``read``'s series as another tool writes one, built by hand: segments
+    numbered 1..N, segment n with the voxels of label id ``segments[n-1][0]`` on every slice that
+    has some, named ``segments[n-1][1]``, with that Tracking ID (and a Tracking UID) where one is given."""
+    first, (columns, rows, depth) = read.datasets[0], truth.shape
+    seg = pydicom.Dataset()
+    seg.file_meta = pydicom.dataset.FileMetaDataset()
+    seg.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    seg.SOPClassUID = seg.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    seg.Modality, seg.SeriesInstanceUID = "SEG", pydicom.uid.generate_uid()
+    seg.StudyInstanceUID, seg.FrameOfReferenceUID = first.StudyInstanceUID, first.FrameOfReferenceUID
+    referenced = pydicom.Dataset()
+    referenced.SeriesInstanceUID = read.series_uid
+    seg.ReferencedSeriesSequence = [referenced]
+    seg.SegmentationType, seg.SegmentsOverlap = "BINARY", "NO"
+    seg.SamplesPerPixel, seg.PhotometricInterpretation, seg.PixelRepresentation = 1, "MONOCHROME2", 0
+    seg.BitsAllocated, seg.BitsStored, seg.HighBit, seg.Rows, seg.Columns = 1, 1, 0, rows, columns
+    seg.SegmentSequence = []
+    for number, (_, name, tracking) in enumerate(segments, start=1):
+        item = pydicom.Dataset()
+        item.SegmentNumber, item.SegmentLabel, item.SegmentAlgorithmType = number, name, "MANUAL"
+        if tracking is not None:
+            item.TrackingID, item.TrackingUID = tracking, pydicom.uid.generate_uid()
+        seg.SegmentSequence.append(item)
+    shared, orientation, measures = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    orientation.ImageOrientationPatient = first.ImageOrientationPatient
+    measures.PixelSpacing = first.PixelSpacing
+    measures.SliceThickness = measures.SpacingBetweenSlices = float(np.linalg.norm(read.affine[:3, 2]))
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = [orientation], [measures]
+    seg.SharedFunctionalGroupsSequence = [shared]
+    seg.PerFrameFunctionalGroupsSequence, frames = [], []
+    for number, (idx, _, _) in enumerate(segments, start=1):
+        for k in range(depth):
+            if not (truth[..., k] == idx).any():
+                continue
+            group, position, identification = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+            position.ImagePositionPatient = [float(v) for v in (LPS @ read.affine @ [0, 0, k, 1])[:3]]
+            identification.ReferencedSegmentNumber = number
+            group.PlanePositionSequence, group.SegmentIdentificationSequence = [position], [identification]
+            seg.PerFrameFunctionalGroupsSequence.append(group)
+            frames.append((truth[..., k] == idx).T)  # a frame's rows follow the series' j, its columns i
+    seg.NumberOfFrames = len(frames)
+    packed = np.packbits(np.asarray(frames, dtype=np.uint8).ravel(), bitorder="little").tobytes()  # PS3.5 8.1.1
+    seg.PixelData = packed + b"\0" * (len(packed) % 2)
+    seg.is_little_endian, seg.is_implicit_VR, seg.preamble = True, False, b"\0" * 128  # a Part-10 file
+    return seg
+
+
+@pytest.mark.parametrize(
+    "tracking",
+    [
+        (None, None),  # no tracking attributes at all
+        ("Lesion 7", "Lesion 9"),  # the tool's own tracking text, with numbers in it
+        ("SDFSMIS label 4", None),  # one of our segments, one the tool added: not a mix of ids
+    ],
+)
+def test_seg_of_another_tool_reads_as_its_segment_numbers(series, tracking, tmp_path):
+    folder, _, label, affine, _ = series["axial"]
+    _, read = load_series(folder)
+    truth = on_grid(label, affine, read.affine, read.data.shape)
+    segments = [(1, "tumour", tracking[0]), (3, "oedema", tracking[1])]  # label ids 1 and 3 as segments 1 and 2
+    _seg_of_another_tool(read, truth, segments).save_as(str(tmp_path / "other.dcm"))
+    expected = np.select([truth == 1, truth == 3], [1, 2], 0)  # by hand: the segment numbers
+
+    back, entries = load_segmentation(tmp_path / "other.dcm", read)
+    assert [(e["idx"], e["name"]) for e in entries] == [(1, "tumour"), (2, "oedema")]
+    np.testing.assert_array_equal(back.to_original(back.data), expected)
+    segments_read = seg_to_labelmap(tmp_path / "other.dcm", tmp_path / "back.nii.gz")
+    assert [(e["idx"], e["name"]) for e in segments_read] == [(1, "tumour"), (2, "oedema")]
+    labelmap = nib.load(tmp_path / "back.nii.gz")
+    np.testing.assert_array_equal(
+        np.asarray(labelmap.dataobj), on_grid(expected, read.affine, labelmap.affine, labelmap.shape)
+    )
 
 
 def _seg_on_grid(path, number: int, target_affine: np.ndarray, shape: tuple) -> np.ndarray:

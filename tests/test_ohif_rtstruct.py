@@ -2,10 +2,10 @@
 final label and serves as a support (ROI names and colours kept), a saved final label goes back
 as an RTSTRUCT with ``--conf result_format rtstruct``, the bundled OHIF runs the model with an
 RTSTRUCT support and lists the stored RTSTRUCT and SEG results (its Basic Viewer mode draws the
-RTSTRUCT), and an unknown result_format stops the server at start. The real MONAI Label server
-(tiny backbone, untrained heads allowed: what is checked here is where labels come from and go,
-not segmentation quality) and Orthanc on loopback. Expected voxels are the generated labels,
-compared in RAS by nibabel."""
+RTSTRUCT and loads the SEG with its segment names), and an unknown result_format stops the
+server at start. The real MONAI Label server (tiny backbone, untrained heads allowed: what is
+checked here is where labels come from and go, not segmentation quality) and Orthanc on
+loopback. Expected voxels are the generated labels, compared in RAS by nibabel."""
 
 from __future__ import annotations
 
@@ -286,13 +286,10 @@ def test_ohif_basic_viewer_draws_the_rtstruct_result_with_its_roi_names(server, 
     assert segmentation == {"segments": [[1, "Liver_CTV"], [4, "Spleen_CTV"]], "drawn": ["Contour"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the app's SEG numbers its segments by label id (1, 4); the bundled OHIF 3.10 reads segment k as the "
-    "k-th item of the Segment Sequence and fails (TypeError in createSegmentationForSEGDisplaySet): docs/dicom.md",
-)
 def test_ohif_loads_the_seg_result_with_its_segment_names(server, results_in_pacs, tmp_path):
+    """The SEG numbers its segments 1..N as DICOM asks (labels 1 and 4 are segments 1 and 2, the
+    ids in their Tracking IDs): the bundled OHIF 3.10, which reads segment k as the k-th item of
+    the Segment Sequence, loads it as a labelmap with the segment names (it failed on 1, 4)."""
     from selenium.webdriver.common.by import By
 
     driver = _chromium_driver(tmp_path / "profile")
@@ -314,7 +311,7 @@ def test_ohif_loads_the_seg_result_with_its_segment_names(server, results_in_pac
         segmentations = driver.execute_script(OHIF_STATE)["segmentations"]
     finally:
         driver.quit()
-    assert segmentations == [{"segments": [[1, "Liver_CTV"], [4, "Spleen_CTV"]], "drawn": ["Labelmap"]}], failed
+    assert segmentations == [{"segments": [[1, "Liver_CTV"], [2, "Spleen_CTV"]], "drawn": ["Labelmap"]}], failed
 
 
 @pytest.mark.parametrize("studies_source", ["folder", "dicomweb"])

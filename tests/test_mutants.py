@@ -453,8 +453,9 @@ def test_support_slices_are_spread_at_odd_sixths_of_the_annotation():
     assert all(isinstance(z, int) for z in choose_support_slices(np.array([4, 9], np.int64), 3))
 
 
-def test_consistent_components_keep_the_annotated_one_or_else_the_largest():
-    mask = np.zeros((12, 6, 6), bool)
+@pytest.mark.parametrize("order", ["C", "F"])  # F: as NIfTI volumes are held
+def test_consistent_components_keep_the_annotated_one_or_else_the_largest(order):
+    mask = np.zeros((12, 6, 6), bool, order=order)
     mask[0:3, :3, :3] = True  # 27 voxels
     mask[6:12, :4, :4] = True  # 96 voxels
     small = np.zeros_like(mask)
@@ -465,7 +466,7 @@ def test_consistent_components_keep_the_annotated_one_or_else_the_largest():
     outside = np.zeros_like(mask)
     outside[4, 5, 5] = True  # an annotation touching no component: the largest
     np.testing.assert_array_equal(keep_consistent_components(mask, outside), largest)
-    both = small.copy()
+    both = small.copy(order="K")
     both[7, 1, 1] = True
     np.testing.assert_array_equal(keep_consistent_components(mask, both), mask)
     one = mask & (np.arange(12) < 6)[:, None, None]

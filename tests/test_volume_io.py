@@ -4,6 +4,8 @@ read; header-only geometry agrees with the full load."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import itk
 import nibabel as nib
 import numpy as np
@@ -67,3 +69,14 @@ def test_a_label_on_another_grid_is_refused(pair, tmp_path):
     write_nifti(tmp_path / "moved.nii.gz", np.asarray(moved.dataobj), moved.affine @ np.diag([1, 1, 2, 1]))
     with pytest.raises(VolumeError, match="different affines"):
         check_same_geometry(image, load_volume(tmp_path / "moved.nii.gz", label=True))
+
+
+def test_intensity_bounds_are_taken_once_per_volume_and_anew_for_a_replaced_one(pair):
+    volume = load_volume(pair / "image.nii.gz")
+    bounds = volume.intensity((0.5, 99.5))
+    low, high = np.percentile(volume.data, [0.5, 99.5])  # a small volume: every voxel counts
+    assert (float(bounds.low), float(bounds.high)) == pytest.approx((low, high), rel=1e-6)
+    assert volume.intensity((0.5, 99.5)) is bounds  # a re-run on the kept volume takes no percentiles
+    brighter = dataclasses.replace(volume, data=volume.data * 2 + 100)
+    moved = brighter.intensity((0.5, 99.5))
+    assert (float(moved.low), float(moved.high)) == pytest.approx((2 * low + 100, 2 * high + 100), rel=1e-6)

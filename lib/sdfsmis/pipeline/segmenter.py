@@ -805,10 +805,11 @@ class VolumeSegmenter:
                 def predict(column: np.ndarray = column) -> Prediction:
                     nonlocal passes
                     passes += len(column)
+                    batch = queries()  # first, so that the crops' lap does not take the support's encoding
                     needed = np.unique(column)
                     support = self.model.join_supports([self._support_row(work, int(i)) for i in needed])
                     position = torch.from_numpy(np.searchsorted(needed, column)).to(device)
-                    p = self.model.predict_encoded(support, queries(), position[:, None])[0]
+                    p = self.model.predict_encoded(support, batch, position[:, None])[0]
                     variants = None if p.variants is None else p.variants.float().cpu()
                     return Prediction(p.probability.float().cpu(), variants)
 

@@ -107,7 +107,8 @@ def _write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
     lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]  # our affine is RAS, ITK's frame LPS
     spacing = np.linalg.norm(lps, axis=0)
-    image = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))  # ITK arrays are [z, y, x]
+    voxels = np.ascontiguousarray(array.transpose(2, 1, 0))  # ITK arrays are [z, y, x]; Fortran order: no copy
+    image = itk.image_view_from_array(voxels)  # a view: ``voxels`` outlives it here
     image.SetSpacing(spacing.tolist())
     image.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ affine[:3, 3]).tolist())
     image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps / spacing)))  # columns: axis directions

@@ -612,11 +612,9 @@ class VolumeSegmenter:
             served.append(ServedBy(source.volume.name, support_z, place))
             support_boxes, boxes = self._boxes(source, support_z, serving)
             query_boxes.append(boxes)
-            images.append(self._crops(source.data, support_z, support_boxes, source.intensity))
-            coverage = self._crops(drawn, support_z, support_boxes)
-            mask = (coverage > 0.5).float()
-            thin = mask.flatten(1).sum(dim=1) == 0  # a structure thinner than a model pixel: keep any overlap
-            masks.append(torch.where(thin[:, None, None, None], (coverage > 0).float(), mask))
+            image, mask = self._support_crops(source, support_z, support_boxes)
+            images.append(image)
+            masks.append(mask)
         whole = Box.whole(query.data.shape)
         boxes = [
             whole if any(b is None for b in per_source) else functools.reduce(Box.union, per_source)
@@ -664,6 +662,31 @@ class VolumeSegmenter:
         maps.dissent = np.concatenate([part.dissent for part in parts], axis=2)
         maps.report.confidence = [round(float(c), 4) for part in parts for c in part.confidence]
         return maps
+
+    def _support_crops(
+        self, source: Source, support_z: list[int], boxes: list[Box]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support slices' image crops and masks at the model's input [N, 1, R, R], each kept by
+        the content of its slice and box: a re-run resamples only a corrected drawing."""
+        low, high = source.intensity.low, source.intensity.high
+        keys = [
+            digest(b"support crop", source.data[b.index + (z,)], source.drawn[b.index + (z,)], b, low, high)
+            for z, b in zip(support_z, boxes)
+        ]
+        found = [self.cache.get(key) if self.cache is not None else None for key in keys]
+        todo = [i for i, crops in enumerate(found) if crops is None]
+        if todo:
+            z, box = [support_z[i] for i in todo], [boxes[i] for i in todo]
+            images = self._crops(source.data, z, box, source.intensity)
+            coverage = self._crops(source.drawn, z, box)
+            mask = (coverage > 0.5).float()
+            thin = mask.flatten(1).sum(dim=1) == 0  # a structure thinner than a model pixel: keep any overlap
+            masks = torch.where(thin[:, None, None, None], (coverage > 0).float(), mask)
+            for j, i in enumerate(todo):
+                found[i] = (images[j : j + 1].clone(), masks[j : j + 1].clone())
+                if self.cache is not None:
+                    self.cache.put(keys[i], found[i])
+        return torch.cat([crops[0] for crops in found]), torch.cat([crops[1] for crops in found])
 
     def _label_shape(
         self,

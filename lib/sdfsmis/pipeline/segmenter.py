@@ -641,9 +641,9 @@ class VolumeSegmenter:
         batches = Stages(self.model.method, log=False)
         parts, computed, passes = [], 0, 0
         for rows in self._batches(query_z):
-            part, ran = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
+            part, batch_passes = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
             parts.append(part)
-            computed, passes = computed + (len(rows) if ran else 0), passes + ran
+            computed, passes = computed + (len(rows) if batch_passes else 0), passes + batch_passes
         clock.absorb(batches.seconds, log=True)
         maps = LabelMaps(
             region.index + (slice(first, last + 1),),
@@ -759,7 +759,7 @@ class VolumeSegmenter:
         fused = self.cache.get(key) if self.cache is not None else None
         if fused is not None:
             return fused, 0
-        outputs, ran = self._model_outputs(work, rows, query.data, intensity, clock)
+        outputs, passes = self._model_outputs(work, rows, query.data, intensity, clock)
         region, threshold = work.region, self.config.threshold
 
         def region_of(slices: torch.Tensor) -> np.ndarray:
@@ -792,7 +792,7 @@ class VolumeSegmenter:
         clock.lap("fusion")
         if self.cache is not None:
             self.cache.put(key, fused)
-        return fused, ran
+        return fused, passes
 
     def _model_outputs(
         self, work: LabelWork, rows: np.ndarray, data: np.ndarray, intensity: Intensity, clock: Stages

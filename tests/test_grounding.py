@@ -11,7 +11,7 @@ import torch
 
 from sdfsmis.io.volume import load_volume
 from sdfsmis.methods import load_model
-from sdfsmis.pipeline.grounding import Box, box_around, drawn_shape, where_it_ends, with_drawn_shape
+from sdfsmis.pipeline.grounding import Box, DrawnShape, box_around, where_it_ends, with_drawn_shape
 from sdfsmis.pipeline.segmenter import VolumeSegmenter, serving_supports
 from sdfsmis.samples.synthetic import make_volume, write_nifti
 from sdfsmis.settings import load_config
@@ -107,7 +107,7 @@ def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) ->
 
 def _shape_at(drawn: np.ndarray, support_z: list[int], query_z: list[int], spacing) -> np.ndarray:
     serving = serving_supports(np.asarray(query_z), support_z, 2)
-    return drawn_shape(drawn, support_z, np.asarray(query_z), serving.index, serving.weights, spacing)
+    return DrawnShape(drawn, support_z, spacing).on(np.asarray(query_z), serving.index, serving.weights)
 
 
 def test_drawn_shape_morphs_between_drawings_and_closes_beyond_them():

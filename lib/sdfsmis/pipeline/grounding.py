@@ -10,7 +10,7 @@ to the volume's edge; a radiologist's drawing does not.
   stays continuous (:func:`where_it_ends`): the first slice whose area falls below a share of its
   neighbour's ends it, and nothing beyond is kept.
 - The drawn shape: in the annotated volume, the drawings themselves say most of what each
-  slice looks like. :func:`drawn_shape` interpolates their signed distances between the two drawn
+  slice looks like. :class:`DrawnShape` interpolates their signed distances between the two drawn
   slices that decide a slice (Slicer's "fill between slices") and closes the structure beyond
   the outermost ones; in another patient's scan, :func:`carried_shape` is the whole drawing
   carried through the registration (an atlas). :func:`with_drawn_shape` lets the model move that
@@ -175,19 +175,6 @@ class DrawnShape:
                 blend = blend - np.float32(beyond[q] * per_slice)
             shape[..., q] = blend
         return shape
-
-
-def drawn_shape(
-    drawn: np.ndarray,
-    support_z: list[int],
-    query_z: np.ndarray,
-    index: np.ndarray,
-    weights: np.ndarray,
-    spacing: tuple[float, float, float],
-) -> np.ndarray:
-    """The signed distance (mm) [X, Y, Q] of the structure the drawings imply on each query slice
-    (:class:`DrawnShape`)."""
-    return DrawnShape(drawn, support_z, spacing).on(query_z, index, weights)
 
 
 def carried_shape(carried: np.ndarray, query_z: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

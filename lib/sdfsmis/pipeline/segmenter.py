@@ -628,6 +628,7 @@ class VolumeSegmenter:
         work = LabelWork(
             support_images,
             support_masks,
+            # the crops' own digests, not their sources': a drawing held in another memory order is the same row
             [digest(image, mask) for image, mask in zip(support_images, support_masks)],
             np.concatenate(indices, axis=1),
             np.concatenate(weights, axis=1),
@@ -640,7 +641,8 @@ class VolumeSegmenter:
         clock.lap("crops")
         batches = Stages(self.model.method, log=False)
         parts, computed, passes = [], 0, 0
-        for rows in self._batches(query_z):
+        chunks = self._batches(query_z)
+        for rows in tqdm(chunks, desc="query slices", unit="batch", disable=not self.progress or len(chunks) < 2):
             part, batch_passes = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
             parts.append(part)
             computed, passes = computed + (len(rows) if batch_passes else 0), passes + batch_passes
@@ -746,21 +748,32 @@ class VolumeSegmenter:
     ) -> tuple[FusedSlices, int]:
         """One batch of query slices fused with the label's shape over its region (from the cache
         when nothing that decides it changed), and the model passes it took (0: none ran)."""
-        shape = work.shape
+        shape, model_key = work.shape, self._model_key(work, rows)
         key = digest(
             b"fused",
-            self._model_key(work, rows),
+            model_key,
             work.region,
             *(work.boxes[q] for q in rows),
             b"" if shape is None else shape.key(rows),
             None if shape is None else shape.reach,
             spacing,
         )
-        fused = self.cache.get(key) if self.cache is not None else None
-        if fused is not None:
-            return fused, 0
-        outputs, passes = self._model_outputs(work, rows, query.data, intensity, clock)
-        region, threshold = work.region, self.config.threshold
+        passes = 0
+
+        def fuse() -> FusedSlices:
+            nonlocal passes
+            outputs, passes = self._model_outputs(work, rows, model_key, query.data, intensity, clock)
+            fused = self._fuse(work, rows, outputs, spacing)
+            clock.lap("fusion")
+            return fused
+
+        return cached(self.cache, key, fuse), passes
+
+    def _fuse(
+        self, work: LabelWork, rows: np.ndarray, outputs: SliceOutputs, spacing: tuple[float, float, float]
+    ) -> FusedSlices:
+        """One batch's model outputs back in the label's region, fused with its shape."""
+        shape, region, threshold = work.shape, work.region, self.config.threshold
 
         def region_of(slices: torch.Tensor) -> np.ndarray:
             array = np.zeros((region.x1 - region.x0, region.y1 - region.y0, len(rows)), dtype=np.float32, order="F")
@@ -776,26 +789,21 @@ class VolumeSegmenter:
         if shape_mm is not None:
             probability = grounding.with_drawn_shape(probability, shape_mm, shape.reach, threshold)
         if outputs.confidence is None:
-            fused = FusedSlices(probability)
-        else:
-            uncertainty, dissent = region_of(outputs.uncertainty), region_of(outputs.dissent)
-            confidence = outputs.confidence.numpy()
-            if shape_mm is not None:
-                # the members' doubt counts only along the shape's contour (within the model's reach of it,
-                # at least a pixel): elsewhere the shape decides, and their doubt there changes nothing
-                contour = np.abs(shape_mm) <= max(shape.reach, *spacing[:2])
-                uncertainty *= contour
-                dissent *= contour
-                area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
-                confidence = np.where(area > 0, 1 - 4 * uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
-            fused = FusedSlices(probability, uncertainty.astype(np.float16), dissent.astype(np.float16), confidence)
-        clock.lap("fusion")
-        if self.cache is not None:
-            self.cache.put(key, fused)
-        return fused, passes
+            return FusedSlices(probability)
+        uncertainty, dissent = region_of(outputs.uncertainty), region_of(outputs.dissent)
+        confidence = outputs.confidence.numpy()
+        if shape_mm is not None:
+            # the members' doubt counts only along the shape's contour (within the model's reach of it,
+            # at least a pixel): elsewhere the shape decides, and their doubt there changes nothing
+            contour = np.abs(shape_mm) <= max(shape.reach, *spacing[:2])
+            uncertainty *= contour
+            dissent *= contour
+            area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
+            confidence = np.where(area > 0, 1 - 4 * uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
+        return FusedSlices(probability, uncertainty.astype(np.float16), dissent.astype(np.float16), confidence)
 
     def _model_outputs(
-        self, work: LabelWork, rows: np.ndarray, data: np.ndarray, intensity: Intensity, clock: Stages
+        self, work: LabelWork, rows: np.ndarray, key: bytes, data: np.ndarray, intensity: Intensity, clock: Stages
     ) -> tuple[SliceOutputs, int]:
         """The model's outputs for one batch of query slices (:func:`slice_outputs`), on the host,
         and the passes the model ran for them (0: all were kept). Every unit is computed in a fixed
@@ -803,11 +811,21 @@ class VolumeSegmenter:
         encoded alone, the batch against each serving column alone. A method whose query work
         depends on the support (SD-FSMIS) keeps each column's prediction: a correction that adds one
         serving support to a slice costs one pass, not k; one that encodes its queries once (DPL)
-        keeps the encoding, and its passes are cheap."""
-        key = self._model_key(work, rows)  # kept too: a fusion that changes alone (a new region) reuses them
-        outputs = self.cache.get(key) if self.cache is not None else None
-        if outputs is not None:
-            return outputs, 0
+        keeps the encoding, and its passes are cheap. The outputs are kept under ``key``
+        (:meth:`_model_key`) too: a fusion that changes alone (a new region) reuses them."""
+        passes = 0
+
+        def compute() -> SliceOutputs:
+            nonlocal passes
+            outputs, passes = self._run_model(work, rows, data, intensity, clock)
+            return outputs
+
+        return cached(self.cache, key, compute), passes
+
+    def _run_model(
+        self, work: LabelWork, rows: np.ndarray, data: np.ndarray, intensity: Intensity, clock: Stages
+    ) -> tuple[SliceOutputs, int]:
+        """:meth:`_model_outputs` computed, with the passes that ran (kept columns cost none)."""
         device = self.model.device
         slices = [work.slices[q] for q in rows]
         per_column = self.cache if not self.model.encodes_queries else None
@@ -840,8 +858,6 @@ class VolumeSegmenter:
                 predictions.append(cached(per_column, column_key, predict))
         outputs = slice_outputs(predictions, torch.from_numpy(work.weights[rows]), self.config.threshold)
         clock.lap("model")
-        if self.cache is not None:
-            self.cache.put(key, outputs)
         return outputs, passes
 
     def _encoded_queries(self, queries: torch.Tensor, slices: list[bytes]):
@@ -889,12 +905,11 @@ class VolumeSegmenter:
             query_intensity if s.is_query(query) else s.image.intensity(cfg.clip_percentiles) for s in supports
         ]
         clock.lap("prepare")
-        bounds = {id(query): query_intensity} | {id(s.image): i for s, i in zip(supports, intensities)}
         normalised_volumes: dict[int, np.ndarray] = {}
 
         def normalised(volume: Volume) -> np.ndarray:  # registration alone needs a whole normalised volume
             if id(volume) not in normalised_volumes:
-                normalised_volumes[id(volume)] = bounds[id(volume)].apply(volume.data)
+                normalised_volumes[id(volume)] = volume.intensity(cfg.clip_percentiles).apply(volume.data)
             return normalised_volumes[id(volume)]
 
         # volume-sized arrays in the volume's memory order (Fortran, as NIfTI stores it): slice by slice

@@ -29,15 +29,13 @@ def test_box_around_takes_the_larger_margin_and_stays_inside():
 
 
 def test_where_it_ends_follows_the_structure_outwards_while_it_stays_continuous():
-    mask = np.zeros((10, 10, 12), dtype=bool)
-    areas = {1: 30, 2: 50, 3: 60, 4: 64, 5: 64, 6: 64, 7: 40, 8: 16, 9: 1, 10: 30, 11: 30}
-    for z, area in areas.items():
-        mask.reshape(100, 12)[:area, z] = True
-    kept = where_it_ends(mask, np.array([4, 6]), continuity=0.3)
+    area = np.array([0, 30, 50, 60, 64, 64, 64, 40, 16, 1, 30, 30])
     # below 4: 60 >= 0.3 x 64, 50 >= 0.3 x 60, 30 >= 0.3 x 50, then slice 0 is empty: ends there
-    # above 6: 40 >= 19.2, 16 >= 12, then 1 < 4.8 at slice 9 ends it; 10 and 11 are cleared with it
-    assert np.flatnonzero(kept.any(axis=(0, 1))).tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert (kept[..., :9] == mask[..., :9]).all()  # what is kept is untouched
+    # above 6: 40 >= 19.2, 16 >= 12, then 1 < 4.8 at slice 9 ends it; 10 and 11 go with it
+    assert where_it_ends(area, np.array([4, 6]), continuity=0.3) == (1, 8)
+    assert where_it_ends(area, np.array([4, 6]), continuity=0.05) == (1, 11)  # 1 >= 0.8: on to the edge
+    assert where_it_ends(area, np.array([0, 11]), continuity=0.3) == (0, 11)  # drawn at both edges
+    assert where_it_ends(area, np.array([], dtype=int), continuity=0.3) == (0, 11)  # nothing drawn: all
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,21 @@ import pytest
 import torch
 from scipy import ndimage
 
+from sdfsmis.config import InferenceConfig
 from sdfsmis.io.volume import Volume, load_volume
 from sdfsmis.io.weights import save_weights
 from sdfsmis.methods import load_model
-from sdfsmis.pipeline.cache import ComputeCache
+from sdfsmis.pipeline.cache import ENTRY_BYTES, ComputeCache
+from sdfsmis.pipeline.components import plane_components
 from sdfsmis.pipeline.predictor import Predictor
-from sdfsmis.pipeline.segmenter import SegmentationResult, SupportVolume
+from sdfsmis.pipeline.segmenter import (
+    FusedSlices,
+    LabelMaps,
+    LabelReport,
+    SegmentationResult,
+    SupportVolume,
+    VolumeSegmenter,
+)
 from sdfsmis.samples.synthetic import make_volume, write_nifti
 from sdfsmis.settings import load_config
 
@@ -95,7 +104,7 @@ def _same(incremental: SegmentationResult, full: SegmentationResult) -> None:
     assert incremental.reports.keys() == full.reports.keys()
     for label_id, report in full.reports.items():
         assert incremental.reports[label_id].confidence == report.confidence
-        np.testing.assert_array_equal(incremental.review[label_id], full.review[label_id])
+        np.testing.assert_array_equal(incremental.review(label_id), full.review(label_id))
     np.testing.assert_array_equal(incremental.uncertainty, full.uncertainty)
 
 
@@ -188,7 +197,8 @@ def test_a_second_label_and_a_removed_support(patient, tiny_backbone, method):
 
 
 def test_the_cache_keeps_its_bound_and_evicts_the_oldest():
-    cache = ComputeCache(max_bytes=3 * 4000)
+    entry = 4000 + ENTRY_BYTES
+    cache = ComputeCache(max_bytes=3 * entry)
     for i in range(5):
         cache.put(bytes([i]), torch.zeros(1000))  # 4000 bytes each
         assert cache.bytes <= cache.max_bytes
@@ -197,7 +207,10 @@ def test_the_cache_keeps_its_bound_and_evicts_the_oldest():
     cache.put(bytes([5]), torch.zeros(1000))
     assert cache.get(bytes([3])) is None and cache.get(bytes([2])) is not None
     cache.put(bytes([6]), torch.zeros(4000))  # larger than the bound: not kept, nothing evicted for it
-    assert cache.get(bytes([6])) is None and len(cache) == 3 and cache.bytes == 3 * 4000
+    assert cache.get(bytes([6])) is None and len(cache) == 3 and cache.bytes == 3 * entry
+    for i in range(1000):  # values without array bytes count too: their number is bounded
+        cache.put(i.to_bytes(2, "little"), np.zeros((0, 2)))
+    assert len(cache) == cache.max_bytes // ENTRY_BYTES
 
 
 def test_a_bounded_predictor_stays_within_its_bound_and_forgets_old_weights(patient, tiny_backbone, tmp_path):
@@ -213,3 +226,28 @@ def test_a_bounded_predictor_stays_within_its_bound_and_forgets_old_weights(pati
     save_weights(full.model, tmp_path / "dpl.safetensors")
     cached.load_weights(tmp_path / "dpl.safetensors")
     assert len(cached.cache) == 0  # what the old weights computed is gone
+
+
+def test_the_kept_3d_steps_follow_a_changed_neighbour():
+    """The 3-D components join neighbouring slices through overlaps kept from the last request: a
+    batch that changes must not leave its unchanged neighbour joined to what it no longer touches."""
+    segmenter = VolumeSegmenter(None, InferenceConfig(), cache=ComputeCache(2**20))
+    blob = np.zeros((8, 8), bool)
+    blob[1:3, 1:3] = True
+    moved = np.roll(blob, 4, axis=(0, 1))  # the same blob where the slice before does not reach
+
+    def maps(third_slice: np.ndarray, key: bytes) -> LabelMaps:  # two batches: the blob twice, the third slice twice
+        batches = [np.stack([blob, blob], axis=-1), np.stack([third_slice, third_slice], axis=-1)]
+        parts = [FusedSlices(m.astype(np.float16), m, plane_components(m)) for m in map(np.asfortranarray, batches)]
+        region = (slice(0, 8), slice(0, 8), slice(0, 4))
+        return LabelMaps(region, parts, [b"first", key], LabelReport([0], [0, 1, 2, 3]))
+
+    drawn = np.zeros((8, 8, 4), bool)
+    drawn[..., 0] = blob
+    annotated = np.array([True, False, False, False])
+    joined = segmenter._consistent_mask(maps(blob, b"joined"), drawn, annotated)
+    assert joined.sum() == 16  # slice 2 reaches the drawing: all four slices are one structure
+    apart = segmenter._consistent_mask(maps(moved, b"apart"), drawn, annotated)  # slice 2 changed
+    segmenter.cache = None
+    np.testing.assert_array_equal(apart, segmenter._consistent_mask(maps(moved, b"apart"), drawn, annotated))
+    assert not apart[..., 2:].any()  # nothing joins the drawing any more

@@ -37,6 +37,8 @@ from sdfsmis.methods.base import Prediction
 from sdfsmis.pipeline import placement
 from sdfsmis.pipeline.placement import Placement, Registration, registered_position, relative_position
 from sdfsmis.pipeline.segmenter import (
+    FusedSlices,
+    LabelDoubt,
     LabelReport,
     SegmentationResult,
     ServedBy,
@@ -45,7 +47,6 @@ from sdfsmis.pipeline.segmenter import (
     choose_support_slices,
     combine_supports,
     dissent,
-    keep_consistent_components,
     member_variance,
     review_ids,
     select_label_ids,
@@ -453,26 +454,6 @@ def test_support_slices_are_spread_at_odd_sixths_of_the_annotation():
     assert all(isinstance(z, int) for z in choose_support_slices(np.array([4, 9], np.int64), 3))
 
 
-@pytest.mark.parametrize("order", ["C", "F"])  # F: as NIfTI volumes are held
-def test_consistent_components_keep_the_annotated_one_or_else_the_largest(order):
-    mask = np.zeros((12, 6, 6), bool, order=order)
-    mask[0:3, :3, :3] = True  # 27 voxels
-    mask[6:12, :4, :4] = True  # 96 voxels
-    small = np.zeros_like(mask)
-    small[1, 1, 1] = True
-    np.testing.assert_array_equal(keep_consistent_components(mask, small), mask & (np.arange(12) < 6)[:, None, None])
-    largest = mask & (np.arange(12) >= 6)[:, None, None]
-    np.testing.assert_array_equal(keep_consistent_components(mask, None), largest)
-    outside = np.zeros_like(mask)
-    outside[4, 5, 5] = True  # an annotation touching no component: the largest
-    np.testing.assert_array_equal(keep_consistent_components(mask, outside), largest)
-    both = small.copy(order="K")
-    both[7, 1, 1] = True
-    np.testing.assert_array_equal(keep_consistent_components(mask, both), mask)
-    one = mask & (np.arange(12) < 6)[:, None, None]
-    assert keep_consistent_components(one, None) is one  # a single component is left as it is
-
-
 def _label_volume(path: Path, ids: list[int]) -> object:
     data = np.zeros((4, 4, 4), np.uint8)
     for k, label_id in enumerate(ids):
@@ -544,11 +525,20 @@ def test_reports_order_review_slices_and_summarise_the_run(tmp_path):
     labels = np.zeros((2, 2, 4), np.int32)
     labels[0, 0, :] = 1
     labels[1, 1, 0] = 2
-    review = {1: np.zeros_like(labels, bool), 2: np.zeros_like(labels, bool)}
-    review[1][0, 0, 2] = True  # only label 1 has voxels to review
-    result = SegmentationResult(
-        labels, {1: report, 2: LabelReport([0], [0, 1], voxels=1)}, seconds=1.23456, review=review
-    )
+    review = np.zeros_like(labels, bool, order="F")
+    review[0, 0, 2] = True  # only label 1 has voxels to review
+    review[1, 0, 1] = True  # on a drawn slice: none
+    whole = (slice(0, 2), slice(0, 2), slice(0, 4))
+
+    def batches(review: np.ndarray) -> list[FusedSlices]:  # two batches of two slices
+        maps = np.zeros_like(review, np.float16)
+        part = (slice(None), slice(None))
+        return [FusedSlices(maps, None, [], maps[part + (z,)], review[part + (z,)]) for z in (slice(0, 2), slice(2, 4))]
+
+    drawn = np.array([False, True, False, False])
+    doubt = {1: LabelDoubt(whole, batches(review), drawn), 2: LabelDoubt(whole, batches(np.zeros_like(review)), drawn)}
+    reports = {1: report, 2: LabelReport([0], [0, 1], voxels=1)}
+    result = SegmentationResult(labels, reports, seconds=1.23456, doubt=doubt)
     with_review, ids = result.with_review()
     assert ids == {1: 101}
     expected = labels.copy()
@@ -633,7 +623,7 @@ def _segment(segmenter: VolumeSegmenter, supports: list[SupportVolume], query, l
         assert [s.name for s in report.served_by] == [s.name for s in supports if (s.label.data == label_id).any()]
         if report.confidence is not None:
             assert all(0.0 <= c <= 1.0 and round(c, 4) == c for c in report.confidence), label_id
-            assert not (result.review[label_id] & (result.uncertainty <= 0)).any()  # dissent needs disagreement
+            assert not (result.review(label_id) & (result.uncertainty <= 0)).any()  # dissent needs disagreement
     if result.uncertainty is not None:  # a variance of probabilities: at most 1/4
         assert (
             np.isfinite(result.uncertainty).all() and 0 <= result.uncertainty.min() <= result.uncertainty.max() <= 0.25
@@ -678,7 +668,7 @@ def test_a_volume_segmented_from_its_own_slices_reports_them_as_certain(tiny_bac
             certain = [report.confidence[report.query_slices.index(z)] for z in slices]
             assert certain == [1.0] * len(slices) and min(report.confidence) < 1.0  # drawn slices only are certain
             np.testing.assert_array_equal(result.labels[..., slices] == label_id, drawn[..., slices] == label_id)
-            assert not result.review[label_id][..., slices].any()  # nothing to review where it was drawn
+            assert not result.review(label_id)[..., slices].any()  # nothing to review where it was drawn
     one, batched = results  # the query batches change nothing
     np.testing.assert_array_equal(one.labels, batched.labels)
     np.testing.assert_allclose(one.uncertainty, batched.uncertainty, atol=1e-6)
@@ -728,7 +718,7 @@ def test_a_method_without_members_reports_no_confidence(tiny_backbone, tmp_path)
     segmenter = VolumeSegmenter(load_model("sdfsmis", tiny_backbone, config).eval(), config.inference, progress=False)
     support, query = _patient(tmp_path, 47, 16), _patient(tmp_path, 48, 16).image
     result = _segment(segmenter, [support], query, [4])
-    assert result.uncertainty is None and result.review == {} and result.reports[4].confidence is None
+    assert result.uncertainty is None and result.doubt == {} and result.reports[4].confidence is None
     assert result.confidence(query) == {} and result.review_slices(query) == {}
 
 

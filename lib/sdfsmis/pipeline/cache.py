@@ -61,9 +61,14 @@ def nbytes(value: Any) -> int:
     return 0
 
 
+#: What an entry costs beyond its arrays (its key, the bookkeeping): so that many small entries
+#: (a pair of slices' overlapping components) count too, and are evicted like large ones.
+ENTRY_BYTES = 256
+
+
 class ComputeCache:
-    """A thread-safe LRU of computed values, bounded by ``max_bytes`` (0 keeps nothing). A value
-    larger than the bound is not kept."""
+    """A thread-safe LRU of computed values, bounded by ``max_bytes`` (0 keeps nothing), each
+    counted as its arrays' bytes plus :data:`ENTRY_BYTES`. A value larger than the bound is not kept."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -87,7 +92,7 @@ class ComputeCache:
             return entry[0]
 
     def put(self, key: bytes, value: Any) -> None:
-        size = nbytes(value)
+        size = nbytes(value) + ENTRY_BYTES
         with self._lock:
             if key in self._entries:
                 self.bytes -= self._entries.pop(key)[1]

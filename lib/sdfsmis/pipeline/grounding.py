@@ -93,23 +93,20 @@ def carried_box(
     return Box(x0, x1, y0, y1)
 
 
-def where_it_ends(mask: np.ndarray, annotated: np.ndarray, continuity: float) -> np.ndarray:
-    """``mask`` [X, Y, Z] with the structure followed outwards from the outermost annotated
-    slices only while each slice keeps at least ``continuity`` of its inner neighbour's area; the
-    first slice that does not (an empty one included) and everything beyond it are cleared."""
+def where_it_ends(area: np.ndarray, annotated: np.ndarray, continuity: float) -> tuple[int, int]:
+    """The first and last slice (inclusive) of a structure whose slices have ``area`` voxels,
+    followed outwards from the outermost ``annotated`` slices only while each slice keeps at least
+    ``continuity`` of its inner neighbour's area: the first slice that does not (an empty one
+    included) ends it. Every slice without annotations."""
     if not len(annotated):
-        return mask
-    mask = mask.copy(order="K")
-    area = np.count_nonzero(mask, axis=(0, 1))
-    for start, step in ((int(np.max(annotated)), 1), (int(np.min(annotated)), -1)):
+        return 0, len(area) - 1
+    ends = []
+    for start, step in ((int(np.min(annotated)), -1), (int(np.max(annotated)), 1)):
         z = start + step
-        while 0 <= z < mask.shape[2] and area[z] > 0 and area[z] >= continuity * area[z - step]:
+        while 0 <= z < len(area) and area[z] > 0 and area[z] >= continuity * area[z - step]:
             z += step
-        if step > 0:
-            mask[..., z:] = False
-        else:
-            mask[..., : max(z + 1, 0)] = False
-    return mask
+        ends.append(z - step)
+    return ends[0], ends[1]
 
 
 #: Beyond the outermost drawn slice, the drawn shape closes this share of the drawn span further

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from sdfsmis.config import InferenceConfig
@@ -30,9 +29,10 @@ from sdfsmis.io.volume import (
     ras_spacing,
 )
 from sdfsmis.methods import OneShotModel, Prediction
-from sdfsmis.pipeline import grounding, placement
+from sdfsmis.pipeline import components, grounding, placement
 from sdfsmis.pipeline.acceleration import InferenceOptions
 from sdfsmis.pipeline.cache import ComputeCache, cached, digest
+from sdfsmis.pipeline.components import PlaneComponents
 from sdfsmis.pipeline.grounding import Box
 from sdfsmis.pipeline.placement import Placement
 from sdfsmis.pipeline.stages import Stages
@@ -97,13 +97,38 @@ def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
     return ids
 
 
+def stacked(parts: list[FusedSlices], name: str) -> np.ndarray | None:
+    """One map of a label's batches (a field of :class:`FusedSlices`) over its whole region, in
+    Fortran order as the batches are; a copy that may be changed. None where the batches have none."""
+    maps = [getattr(part, name) for part in parts]
+    if maps[0] is None:
+        return None
+    stack = np.empty(maps[0].shape[:2] + (sum(m.shape[2] for m in maps),), dtype=maps[0].dtype, order="F")
+    return np.concatenate(maps, axis=2, out=stack)
+
+
 @dataclass
-class Patch:
-    """Values over one region of a volume (a label's box x its query slices): per-label maps are
-    kept this size, not the volume's."""
+class LabelDoubt:
+    """Where the members of one label disagree, over its region (``index``: its box x its query
+    slices): kept as the label's batches and built when asked for, since most requests show neither
+    map (a viewer asks for the review segment, the command line for the uncertainty map). The drawn
+    slices are certain."""
 
     index: tuple[slice, slice, slice]
-    values: np.ndarray
+    parts: list[FusedSlices]
+    drawn_slices: np.ndarray  # [n] bool over the region's slices
+
+    def variance(self) -> np.ndarray:
+        """[X, Y, n] float16: the members' variance (0 off the drawn shape's contour)."""
+        values = stacked(self.parts, "uncertainty")
+        values[..., self.drawn_slices] = 0.0
+        return values
+
+    def review(self) -> np.ndarray:
+        """[X, Y, n] bool: the voxels to review, where enough members vote against the majority."""
+        values = stacked(self.parts, "review")
+        values[..., self.drawn_slices] = False
+        return values
 
 
 @dataclass
@@ -111,8 +136,7 @@ class SegmentationResult:
     labels: np.ndarray  # [X, Y, Z] in the query's RAS working orientation
     reports: dict[int, LabelReport] = field(default_factory=dict)
     seconds: float = 0.0
-    review: dict[int, np.ndarray] = field(default_factory=dict)  # per label: voxels where the members disagree
-    doubt: dict[int, Patch] = field(default_factory=dict)  # per label: the members' variance over its region
+    doubt: dict[int, LabelDoubt] = field(default_factory=dict)  # per label, where members can disagree
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage of the run
 
     @property
@@ -126,8 +150,17 @@ class SegmentationResult:
         if not self.doubt:
             return None
         volume = np.zeros(self.labels.shape, dtype=np.float32)
-        for patch in self.doubt.values():
-            np.maximum(volume[patch.index], patch.values, out=volume[patch.index])
+        for doubt in self.doubt.values():
+            np.maximum(volume[doubt.index], doubt.variance(), out=volume[doubt.index])
+        return volume
+
+    def review(self, label_id: int) -> np.ndarray | None:
+        """[X, Y, Z] bool: the voxels of a label to review (:meth:`LabelDoubt.review`); None where
+        its members cannot disagree."""
+        if label_id not in self.doubt:
+            return None
+        volume = np.zeros(self.labels.shape, dtype=bool, order="F" if self.labels.flags.f_contiguous else "C")
+        volume[self.doubt[label_id].index] = self.doubt[label_id].review()
         return volume
 
     def with_review(self) -> tuple[np.ndarray, dict[int, int]]:
@@ -135,9 +168,11 @@ class SegmentationResult:
         and {label id: review id}. A review voxel leaves its label's segment: a labelmap holds one
         segment per voxel."""
         labels = self.labels.copy(order="K")
-        ids = {k: v for k, v in review_ids(set(self.reports)).items() if k in self.review and self.review[k].any()}
-        for label_id, review_id in ids.items():
-            labels[self.review[label_id]] = review_id
+        ids = {}
+        for label_id, review_id in review_ids(set(self.reports)).items():
+            if label_id in self.doubt and (review := self.doubt[label_id].review()).any():
+                labels[self.doubt[label_id].index][review] = review_id
+                ids[label_id] = review_id
         return labels, ids
 
     def confidence(self, query: Volume) -> dict[int, dict[int, float]]:
@@ -217,28 +252,6 @@ def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1)
     if k >= 2:
         weights[:, 1] = np.where(bracketed, 1.0 - weights[:, 0], 0.0)
     return Serving(index, weights)
-
-
-def keep_consistent_components(mask: np.ndarray, seeds: np.ndarray | None) -> np.ndarray:
-    """3-D consistency: keep the components that touch the annotation (same volume), or the
-    largest component (another volume)."""
-    # worked on in the mask's own memory order (a Fortran-ordered mask through its transpose, which
-    # is C-ordered: connectivity does not depend on the order of the axes); a mixed order costs 5x
-    fortran = not mask.flags.c_contiguous
-    mask_c = mask.T if fortran else mask
-    components, count = ndimage.label(mask_c)
-    if count <= 1:
-        return mask
-    if seeds is not None and seeds.any():
-        kept = np.zeros(count + 1, dtype=bool)
-        kept[components[(seeds.T if fortran else seeds) & mask_c]] = True
-        kept[0] = False
-        ids = np.flatnonzero(kept)
-        if len(ids):  # the usual case, one component: a comparison, not a gather over the region
-            keep = components == ids[0] if len(ids) == 1 else kept[components]
-            return keep.T if fortran else keep
-    largest = components == np.bincount(components.ravel())[1:].argmax() + 1
-    return largest.T if fortran else largest
 
 
 def select_label_ids(support_label: Volume, requested: list[int] | None = None) -> list[int]:
@@ -386,18 +399,6 @@ def _grouped(boxes: list[Box]) -> dict[Box, list[int]]:
 
 
 @dataclass
-class LabelMaps:
-    """One label's maps over its region (``index``: its in-plane box x the query slices it was
-    segmented in); uncertainty and dissent only where members can disagree."""
-
-    index: tuple[slice, slice, slice]
-    probability: np.ndarray
-    uncertainty: np.ndarray | None = None
-    dissent: np.ndarray | None = None
-    report: LabelReport | None = None
-
-
-@dataclass
 class Source:
     """One support volume's part in one label: its data and intensity bounds, the label's drawn voxels, where
     it is placed in the query, whether it is grounded (:mod:`sdfsmis.pipeline.grounding`) and, from another
@@ -418,10 +419,30 @@ class FusedSlices(NamedTuple):
     """A batch of query slices' maps over the label's region after the fusion with its shape: what
     a re-run takes from the cache where nothing that decides them changed."""
 
-    probability: np.ndarray  # [X, Y, n] float32
+    probability: np.ndarray  # [X, Y, n] float16
+    mask: np.ndarray  # [X, Y, n] bool: the probability at the threshold, decided in float32
+    planes: list[PlaneComponents]  # each slice's 2-D components of the mask
     uncertainty: np.ndarray | None = None  # [X, Y, n] float16, 0 off the shape's contour
-    dissent: np.ndarray | None = None  # [X, Y, n] float16
+    review: np.ndarray | None = None  # [X, Y, n] bool: the members' dissent at the review level
     confidence: np.ndarray | None = None  # [n]
+
+
+@dataclass
+class LabelMaps:
+    """One label's fused batches of query slices over its region (``index``: its in-plane box x
+    the query slices it was segmented in)."""
+
+    index: tuple[slice, slice, slice]
+    parts: list[FusedSlices]
+    keys: list[bytes]  # each batch's digest (what it is kept under)
+    report: LabelReport
+
+    def slices(self) -> tuple[list[np.ndarray], list[PlaneComponents], list[bytes]]:
+        """Each query slice's mask [X, Y] (a view of its batch's), its 2-D components, and a digest
+        of it (its batch's and its place there)."""
+        masks = [part.mask[..., i] for part in self.parts for i in range(part.mask.shape[2])]
+        keys = [digest(key, i) for part, key in zip(self.parts, self.keys) for i in range(part.mask.shape[2])]
+        return masks, [plane for part in self.parts for plane in part.planes], keys
 
 
 @dataclass
@@ -640,30 +661,24 @@ class VolumeSegmenter:
         )
         clock.lap("crops")
         batches = Stages(self.model.method, log=False)
-        parts, computed, passes = [], 0, 0
+        parts, keys, computed, passes = [], [], 0, 0
         chunks = self._batches(query_z)
         for rows in tqdm(chunks, desc="query slices", unit="batch", disable=not self.progress or len(chunks) < 2):
-            part, batch_passes = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
+            part, key, batch_passes = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
             parts.append(part)
+            keys.append(key)
             computed, passes = computed + (len(rows) if batch_passes else 0), passes + batch_passes
         clock.absorb(batches.seconds, log=True)
-        maps = LabelMaps(
-            region.index + (slice(first, last + 1),),
-            np.concatenate([part.probability for part in parts], axis=2),  # a copy: the cache's parts stay as they are
-            report=LabelReport(
-                support_slices=[z for s in served for z in s.support_slices],
-                query_slices=[int(z) for z in query_z],
-                served_by=served,
-                computed_slices=computed,
-                computed_passes=passes,
-            ),
+        report = LabelReport(
+            support_slices=[z for s in served for z in s.support_slices],
+            query_slices=[int(z) for z in query_z],
+            served_by=served,
+            computed_slices=computed,
+            computed_passes=passes,
         )
-        if parts[0].confidence is None:
-            return maps
-        maps.uncertainty = np.concatenate([part.uncertainty for part in parts], axis=2)
-        maps.dissent = np.concatenate([part.dissent for part in parts], axis=2)
-        maps.report.confidence = [round(float(c), 4) for part in parts for c in part.confidence]
-        return maps
+        if parts[0].confidence is not None:
+            report.confidence = [round(float(c), 4) for part in parts for c in part.confidence]
+        return LabelMaps(region.index + (slice(first, last + 1),), parts, keys, report)
 
     def _support_crops(
         self, source: Source, support_z: list[int], boxes: list[Box]
@@ -745,9 +760,10 @@ class VolumeSegmenter:
         intensity: Intensity,
         spacing: tuple[float, float, float],
         clock: Stages,
-    ) -> tuple[FusedSlices, int]:
+    ) -> tuple[FusedSlices, bytes, int]:
         """One batch of query slices fused with the label's shape over its region (from the cache
-        when nothing that decides it changed), and the model passes it took (0: none ran)."""
+        when nothing that decides it changed), the digest it is kept under, and the model passes it
+        took (0: none ran)."""
         shape, model_key = work.shape, self._model_key(work, rows)
         key = digest(
             b"fused",
@@ -757,6 +773,7 @@ class VolumeSegmenter:
             b"" if shape is None else shape.key(rows),
             None if shape is None else shape.reach,
             spacing,
+            self.config.review_dissent,
         )
         passes = 0
 
@@ -767,7 +784,7 @@ class VolumeSegmenter:
             clock.lap("fusion")
             return fused
 
-        return cached(self.cache, key, fuse), passes
+        return cached(self.cache, key, fuse), key, passes
 
     def _fuse(
         self, work: LabelWork, rows: np.ndarray, outputs: SliceOutputs, spacing: tuple[float, float, float]
@@ -788,8 +805,10 @@ class VolumeSegmenter:
         shape_mm = None if shape is None else shape.on_rows(rows)
         if shape_mm is not None:
             probability = grounding.with_drawn_shape(probability, shape_mm, shape.reach, threshold)
+        mask = probability >= threshold
+        fused = FusedSlices(probability.astype(np.float16), mask, components.plane_components(mask))
         if outputs.confidence is None:
-            return FusedSlices(probability)
+            return fused
         uncertainty, dissent = region_of(outputs.uncertainty), region_of(outputs.dissent)
         confidence = outputs.confidence.numpy()
         if shape_mm is not None:
@@ -800,7 +819,8 @@ class VolumeSegmenter:
             dissent *= contour
             area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
             confidence = np.where(area > 0, 1 - 4 * uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
-        return FusedSlices(probability, uncertainty.astype(np.float16), dissent.astype(np.float16), confidence)
+        review = dissent >= self.config.review_dissent
+        return fused._replace(uncertainty=uncertainty.astype(np.float16), review=review, confidence=confidence)
 
     def _model_outputs(
         self, work: LabelWork, rows: np.ndarray, key: bytes, data: np.ndarray, intensity: Intensity, clock: Stages
@@ -883,6 +903,38 @@ class VolumeSegmenter:
             )
         return work.encoded[i]
 
+    def _consistent_mask(self, maps: LabelMaps, drawn: np.ndarray | None, annotated: np.ndarray) -> np.ndarray:
+        """A label's mask over its region after the 3-D steps, from its batches' masks and their
+        slices' 2-D components (:mod:`sdfsmis.pipeline.components`, nothing labelled again). In the
+        annotated volume (``drawn`` over the region, on the ``annotated`` slices): followed outwards
+        from the drawing only while it stays continuous (:func:`grounding.where_it_ends`), its 3-D
+        components that touch the drawing kept (elsewhere the largest), the drawn slices as drawn."""
+        cfg = self.config
+        masks, planes, keys = maps.slices()
+        first, last = 0, len(masks) - 1
+        if drawn is not None and cfg.grounding:
+            area = np.array([plane.sizes.sum() for plane in planes])
+            first, last = grounding.where_it_ends(area, np.flatnonzero(annotated), cfg.end_continuity)
+        span = range(first, last + 1)
+        keep = None
+        if cfg.largest_component:
+            joins = [  # kept by the slices' digests: a re-run joins only the slices next to a changed batch
+                cached(
+                    self.cache,
+                    digest(b"overlaps", keys[z], keys[z + 1]),
+                    lambda z=z: components.overlaps(masks[z], planes[z], masks[z + 1], planes[z + 1]),
+                )
+                for z in span[:-1]
+            ]
+            seeds = [drawn[..., z] if annotated[z] else None for z in span]
+            keep = components.kept_components([masks[z] for z in span], [planes[z] for z in span], joins, seeds)
+        mask = np.zeros(masks[0].shape + (len(masks),), dtype=bool, order="F")
+        for i, z in enumerate(span):
+            mask[..., z] = masks[z] if keep is None else components.kept_mask(masks[z], planes[z], keep[i])
+        if drawn is not None:
+            mask[..., annotated] = drawn[..., annotated]
+        return mask
+
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
     ) -> SegmentationResult:
@@ -928,30 +980,20 @@ class VolumeSegmenter:
             clock.lap("placement")
             maps = self._segment_label(sources, query, query_intensity, clock)
             clock.lap("fusion")
-            region, probability = maps.index, maps.probability
-            mask = probability >= cfg.threshold
+            region, report = maps.index, maps.report
             own = [s.drawn[region] for s in sources if s.volume.is_query(query)]
-            if own and cfg.grounding:  # followed outwards only while it stays continuous
-                mask = grounding.where_it_ends(mask, np.flatnonzero(own[0].any(axis=(0, 1))), cfg.end_continuity)
-            if cfg.largest_component:
-                mask = keep_consistent_components(mask, own[0] if own else None)
-            report = maps.report
-            if own:
-                drawn = own[0]
-                annotated = drawn.any(axis=(0, 1))
-                mask[..., annotated] = drawn[..., annotated]
-                np.copyto(probability, 1.0, where=drawn)
-                if maps.uncertainty is not None:  # drawn slices are certain
-                    maps.uncertainty[..., annotated] = 0.0
-                    maps.dissent[..., annotated] = 0.0
-                    report.confidence = [1.0 if a else c for a, c in zip(annotated, report.confidence)]
-            if maps.uncertainty is not None:
-                result.doubt[label_id] = Patch(region, maps.uncertainty)
-                result.review[label_id] = np.zeros(query.data.shape, dtype=bool, order=order)
-                result.review[label_id][region] = maps.dissent >= cfg.review_dissent
+            drawn = own[0] if own else None
+            annotated = np.zeros(len(report.query_slices), dtype=bool) if drawn is None else drawn.any(axis=(0, 1))
+            mask = self._consistent_mask(maps, drawn, annotated)
+            if report.confidence is not None:  # drawn slices are certain
+                report.confidence = [1.0 if a else c for a, c in zip(annotated, report.confidence)]
+                result.doubt[label_id] = LabelDoubt(region, maps.parts, annotated)
             if best is None:
                 np.copyto(labels[region], label_id, where=mask)
             else:
+                probability = stacked(maps.parts, "probability")
+                if drawn is not None:
+                    np.copyto(probability, 1.0, where=drawn)
                 likelier = best[region]
                 win = mask & (probability > likelier)
                 np.copyto(labels[region], label_id, where=win)

@@ -93,8 +93,8 @@ def test_volume_round_trips_through_ras_working_orientation(volumes, tmp_path):
     volume = load_volume(query)
     original = np.asarray(nib.load(query).dataobj)
     np.testing.assert_array_equal(volume.to_original(volume.data), original)
-    assert volume.data.dtype == np.float32  # int16 CT kept at full precision, no 8-bit round trip
-    assert np.array_equal(np.unique(volume.data), np.unique(original.astype(np.float32)))
+    assert original.dtype == np.int16 and volume.data.dtype == np.int16  # held as stored: every value, half of float32
+    assert np.array_equal(np.unique(volume.data), np.unique(original))
     out = volume.save_label((volume.data > 0).astype(np.int32) * 5, tmp_path / "l.nii.gz")
     saved = nib.load(out)
     np.testing.assert_array_equal(np.asarray(saved.dataobj), (original > 0) * 5)

@@ -212,9 +212,11 @@ def test_itk_volumes_of_other_types_and_shapes(tmp_path):
         VolumeError, match=r"label rgb.nrrd has 3 components per voxel \(RGB/vector\), expected one grayscale"
     ):
         load_volume(tmp_path / "rgb.nrrd", label=True)
-    nrrd.write(str(tmp_path / "ct.nrrd"), np.full((3, 4, 2), -1000, np.int16))  # an image is read as float32
+    nrrd.write(str(tmp_path / "ct.nrrd"), np.full((3, 4, 2), -1000, np.int16))  # held as stored: float32 holds it
     ct = load_volume(tmp_path / "ct.nrrd")
-    assert ct.data.dtype == np.float32 and (ct.data == -1000).all()
+    assert ct.data.dtype == np.int16 and (ct.data == -1000).all()
+    nrrd.write(str(tmp_path / "wide.nrrd"), np.full((3, 4, 2), 2**24 + 1, np.int32))  # not exactly: float32
+    assert load_volume(tmp_path / "wide.nrrd").data.dtype == np.float32
     with pytest.raises(VolumeError, match=r"^label double.nrrd has 24 voxels"):
         load_volume(tmp_path / "double.nrrd", label=True, max_voxels=23)
     (tmp_path / "broken.nrrd").write_bytes(b"neither NRRD nor anything else")

@@ -1,7 +1,8 @@
 """Medical volumes in and out: NIfTI (nibabel) or NRRD/MetaImage (ITK: what Slicer uploads) with
 their affines, a bound on size checked from the header before any voxel is read, a canonical
-(RAS) working orientation whose third axis is axial, in-plane resampling to the model resolution in float32 (no 8-bit
-round trip), and the way back to the exact geometry of the image that was sent."""
+(RAS) working orientation whose third axis is axial, images held as stored where float32 holds every
+value (a CT's int16) and else as float32, in-plane resampling to the model resolution in float32 (no
+8-bit round trip), and the way back to the exact geometry of the image that was sent."""
 
 from __future__ import annotations
 
@@ -150,6 +151,13 @@ def _check_size(what: str, path: Path, shape: tuple[int, ...], max_voxels: int |
 
 #: ITK's voxel type of a label file -> the pixel type read: the narrowest one ITK's Python
 #: wrapping reads that holds every stored value exactly (64-bit signed and double: float64).
+#: Stored voxel types whose every value float32 holds exactly: an image stored as one of them, and
+#: not scaled, is held as stored (a CT's int16 in half the memory of float32, every value the same)
+#: and converted to float32 a slice at a time, where a run reads it (:meth:`Intensity.apply`).
+EXACT_IN_FLOAT32 = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16))
+#: ITK's component names of those types -> ITK's pixel types (char as short: ITK wraps no signed char image).
+ITK_EXACT_PIXELS = {"unsigned_char": "UC", "char": "SS", "unsigned_short": "US", "short": "SS"}
+
 ITK_LABEL_PIXELS = {
     "unsigned_char": "UC",
     "char": "SS",
@@ -218,6 +226,8 @@ def _read_nifti(path: Path, what: str, label: bool, max_voxels: int | None) -> t
     _check_size(what, path, image.shape, max_voxels)
     if label:  # the stored integers, scaled slice by slice (nibabel would scale all of it to float64)
         data = _label_ids(np.asanyarray(raw.get_unscaled()), path.name, float(raw.slope), float(raw.inter))
+    elif np.dtype(raw.dtype) in EXACT_IN_FLOAT32 and nib.is_proxy(raw) and (raw.slope, raw.inter) == (1.0, 0.0):
+        data = np.asanyarray(raw.get_unscaled())
     else:
         data = image.get_fdata(dtype=np.float32)
     return data, image.affine.astype(np.float64), image.header
@@ -252,7 +262,10 @@ def _read_itk(path: Path, what: str, label: bool, max_voxels: int | None) -> tup
 
     shape, affine, component = _itk_information(path, what)
     _check_size(what, path, shape, max_voxels)
-    pixel = getattr(itk, ITK_LABEL_PIXELS.get(component, "D")) if label else itk.F
+    if label:
+        pixel = getattr(itk, ITK_LABEL_PIXELS.get(component, "D"))
+    else:  # kept as stored where float32 holds every value exactly (ITK scales nothing), else float32
+        pixel = getattr(itk, ITK_EXACT_PIXELS.get(component, "F"))
     reader = itk.ImageFileReader[itk.Image[pixel, 3]].New(FileName=str(path), ImageIO=_itk_io(path))
     reader.Update()
     image = reader.GetOutput()
@@ -285,7 +298,7 @@ def load_volume(path: str | Path, label: bool = False, max_voxels: int | None = 
         raise VolumeError(f"{what} {path.name} has shape {data.shape}: a 3-D volume is expected")
     if min(data.shape) < 2 and not label:
         raise VolumeError(f"{what} {path.name} has shape {data.shape}: a 2-D slice, a 3-D volume is expected")
-    if not label and not np.isfinite(data).all():
+    if not label and data.dtype.kind == "f" and not np.isfinite(data).all():
         raise VolumeError(f"image {path.name} contains NaN or infinite voxels")
     volume = Volume(data, affine, data.shape, header, path)
     volume.data = volume.from_original(data)
@@ -357,12 +370,14 @@ class Intensity:
         """The bounds in float32 (clipped float32 voxels then never exceed them, so the ends stay
         within [-1, 1]); a volume above :data:`PERCENTILE_SAMPLE` voxels is sampled evenly."""
         flat = data.ravel(order="K")
-        sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLE)]
+        sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLE)].astype(np.float32, copy=False)
         low, high = np.float32(np.percentile(sample, percentiles))
         return cls(low, high if high > low else low + np.float32(1.0))
 
     def apply(self, data: np.ndarray) -> np.ndarray:
-        return (np.clip(data, self.low, self.high).astype(np.float32) - self.low) / (self.high - self.low) * 2 - 1
+        """``data`` (float32, or stored integers that float32 holds exactly) -> float32 in [-1, 1]."""
+        clipped = np.clip(data.astype(np.float32, copy=False), self.low, self.high)
+        return (clipped - self.low) / (self.high - self.low) * 2 - 1
 
 
 def normalise_intensity(data: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:

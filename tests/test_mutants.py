@@ -38,7 +38,7 @@ from sdfsmis.pipeline import placement
 from sdfsmis.pipeline.placement import Placement, Registration, registered_position, relative_position
 from sdfsmis.pipeline.segmenter import (
     FusedSlices,
-    LabelDoubt,
+    LabelMaps,
     LabelReport,
     SegmentationResult,
     ServedBy,
@@ -529,17 +529,18 @@ def test_reports_order_review_slices_and_summarise_the_run(tmp_path):
     labels[1, 1, 0] = 2
     review = np.zeros_like(labels, bool, order="F")
     review[0, 0, 2] = True  # only label 1 has voxels to review
-    review[1, 0, 1] = True  # on a drawn slice: none
     whole = (slice(0, 2), slice(0, 2), slice(0, 4))
+    drawn = np.zeros_like(review)
+    drawn[1, 0, 1] = True  # slice 1 is drawn: the model's batches hold slices 0 and 2-3
 
-    def batches(review: np.ndarray) -> list[FusedSlices]:  # two batches of two slices
-        maps = np.zeros_like(review, np.float16)
-        part = (slice(None), slice(None))
-        return [FusedSlices(maps, None, [], maps[part + (z,)], review[part + (z,)]) for z in (slice(0, 2), slice(2, 4))]
+    def maps(review: np.ndarray, report: LabelReport) -> LabelMaps:
+        rows = [np.array([0]), np.array([2, 3])]
+        doubt = np.zeros_like(review, np.float16)
+        parts = [FusedSlices(doubt[..., r], review[..., r], [], doubt[..., r], review[..., r]) for r in rows]
+        return LabelMaps(whole, parts, rows, [b"a", b"b"], drawn, drawn.any(axis=(0, 1)), report)
 
-    drawn = np.array([False, True, False, False])
-    doubt = {1: LabelDoubt(whole, batches(review), drawn), 2: LabelDoubt(whole, batches(np.zeros_like(review)), drawn)}
     reports = {1: report, 2: LabelReport([0], [0, 1], voxels=1)}
+    doubt = {k: maps(review if k == 1 else np.zeros_like(review), reports[k]) for k in reports}
     result = SegmentationResult(labels, reports, seconds=1.23456, doubt=doubt)
     with_review, ids = result.with_review()
     assert ids == {1: 101}

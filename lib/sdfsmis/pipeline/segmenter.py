@@ -97,38 +97,65 @@ def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
     return ids
 
 
-def stacked(parts: list[FusedSlices], name: str) -> np.ndarray | None:
-    """One map of a label's batches (a field of :class:`FusedSlices`) over its whole region, in
-    Fortran order as the batches are; a copy that may be changed. None where the batches have none."""
-    maps = [getattr(part, name) for part in parts]
-    if maps[0] is None:
-        return None
-    stack = np.empty(maps[0].shape[:2] + (sum(m.shape[2] for m in maps),), dtype=maps[0].dtype, order="F")
-    return np.concatenate(maps, axis=2, out=stack)
+#: The maps a label's batches hold per voxel, and their type (:class:`FusedSlices`).
+MAP_TYPES = {"probability": np.float16, "uncertainty": np.float16, "review": np.bool_}
 
 
 @dataclass
-class LabelDoubt:
-    """Where the members of one label disagree, over its region (``index``: its box x its query
-    slices): kept as the label's batches and built when asked for, since most requests show neither
-    map (a viewer asks for the review segment, the command line for the uncertainty map). The drawn
-    slices are certain."""
+class LabelMaps:
+    """One label's maps over its region (``index``: its in-plane box x its query slices): the fused
+    batches of the slices the model segmented (``rows``: each batch's among the region's slices)
+    and, where the query is its own support, its drawing over the region, which stands on the
+    slices drawn in it (``drawn_slices``) for a model that is not run there. The maps a request
+    rarely shows (the doubt, the review segment) are built from them only when asked for."""
 
     index: tuple[slice, slice, slice]
     parts: list[FusedSlices]
-    drawn_slices: np.ndarray  # [n] bool over the region's slices
+    rows: list[np.ndarray]
+    keys: list[bytes]  # each batch's digest (what it is kept under)
+    drawn: np.ndarray | None  # [X, Y, n] bool
+    drawn_slices: np.ndarray  # [n] bool
+    report: LabelReport
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(s.stop - s.start for s in self.index)
+
+    def stacked(self, name: str) -> np.ndarray | None:
+        """A map of :data:`MAP_TYPES` over the whole region in Fortran order, a copy that may be
+        changed: the batches', and on the drawn slices the drawing (probability 1 inside, 0
+        outside; no doubt). None where members cannot disagree (or nothing was segmented)."""
+        if (getattr(self.parts[0], name) if self.parts else None) is None and name != "probability":
+            return None
+        stack = np.zeros(self.shape, dtype=MAP_TYPES[name], order="F")
+        for part, rows in zip(self.parts, self.rows):
+            stack[..., rows] = getattr(part, name)
+        if name == "probability" and self.drawn is not None:
+            stack[..., self.drawn_slices] = self.drawn[..., self.drawn_slices]
+        return stack
 
     def variance(self) -> np.ndarray:
         """[X, Y, n] float16: the members' variance (0 off the drawn shape's contour)."""
-        values = stacked(self.parts, "uncertainty")
-        values[..., self.drawn_slices] = 0.0
-        return values
+        return self.stacked("uncertainty")
 
     def review(self) -> np.ndarray:
         """[X, Y, n] bool: the voxels to review, where enough members vote against the majority."""
-        values = stacked(self.parts, "review")
-        values[..., self.drawn_slices] = False
-        return values
+        return self.stacked("review")
+
+    def slices(self) -> tuple[list[np.ndarray], list[PlaneComponents], list[bytes]]:
+        """Each region slice's mask [X, Y] (a view of its batch's, or the drawing), its 2-D
+        components, and a digest of it (its batch's and its place there, or the drawing's)."""
+        depth = self.shape[2]
+        masks: list[np.ndarray] = [None] * depth
+        planes: list[PlaneComponents] = [None] * depth
+        keys: list[bytes] = [None] * depth
+        for part, rows, key in zip(self.parts, self.rows, self.keys):
+            for i, z in enumerate(rows):
+                masks[z], planes[z], keys[z] = part.mask[..., i], part.planes[i], digest(key, i)
+        for z in np.flatnonzero(self.drawn_slices):
+            masks[z] = self.drawn[..., z]
+            planes[z], keys[z] = PlaneComponents.of(masks[z]), digest(b"drawn", masks[z])
+        return masks, planes, keys
 
 
 @dataclass
@@ -136,7 +163,7 @@ class SegmentationResult:
     labels: np.ndarray  # [X, Y, Z] in the query's RAS working orientation
     reports: dict[int, LabelReport] = field(default_factory=dict)
     seconds: float = 0.0
-    doubt: dict[int, LabelDoubt] = field(default_factory=dict)  # per label, where members can disagree
+    doubt: dict[int, LabelMaps] = field(default_factory=dict)  # per label, where members can disagree
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage of the run
 
     @property
@@ -428,24 +455,6 @@ class FusedSlices(NamedTuple):
 
 
 @dataclass
-class LabelMaps:
-    """One label's fused batches of query slices over its region (``index``: its in-plane box x
-    the query slices it was segmented in)."""
-
-    index: tuple[slice, slice, slice]
-    parts: list[FusedSlices]
-    keys: list[bytes]  # each batch's digest (what it is kept under)
-    report: LabelReport
-
-    def slices(self) -> tuple[list[np.ndarray], list[PlaneComponents], list[bytes]]:
-        """Each query slice's mask [X, Y] (a view of its batch's), its 2-D components, and a digest
-        of it (its batch's and its place there)."""
-        masks = [part.mask[..., i] for part in self.parts for i in range(part.mask.shape[2])]
-        keys = [digest(key, i) for part, key in zip(self.parts, self.keys) for i in range(part.mask.shape[2])]
-        return masks, [plane for part in self.parts for plane in part.planes], keys
-
-
-@dataclass
 class LabelShape:
     """The shape a label's query slices are fused with (:mod:`sdfsmis.pipeline.grounding`): how far
     the model may move it, the shape on given query rows, and the digest of what decides it there."""
@@ -660,9 +669,14 @@ class VolumeSegmenter:
             self._label_shape(own, sources, region, query_z, query_spacing),
         )
         clock.lap("crops")
+        index = region.index + (slice(first, last + 1),)
+        # the slices drawn in the query itself are kept as drawn: the model is not run on them
+        drawn = next((s.drawn[index] for s in sources if s.volume.is_query(query)), None)
+        drawn_slices = np.zeros(len(query_z), dtype=bool) if drawn is None else drawn.any(axis=(0, 1))
+        chunks = [rows[~drawn_slices[rows]] for rows in self._batches(query_z)]
+        chunks = [rows for rows in chunks if len(rows)]
         batches = Stages(self.model.method, log=False)
         parts, keys, computed, passes = [], [], 0, 0
-        chunks = self._batches(query_z)
         for rows in tqdm(chunks, desc="query slices", unit="batch", disable=not self.progress or len(chunks) < 2):
             part, key, batch_passes = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
             parts.append(part)
@@ -676,9 +690,12 @@ class VolumeSegmenter:
             computed_slices=computed,
             computed_passes=passes,
         )
-        if parts[0].confidence is not None:
-            report.confidence = [round(float(c), 4) for part in parts for c in part.confidence]
-        return LabelMaps(region.index + (slice(first, last + 1),), parts, keys, report)
+        if parts and parts[0].confidence is not None:  # drawn slices are certain
+            confidence = np.ones(len(query_z))
+            for part, rows in zip(parts, chunks):
+                confidence[rows] = part.confidence
+            report.confidence = [round(float(c), 4) for c in confidence]
+        return LabelMaps(index, parts, chunks, keys, drawn, drawn_slices, report)
 
     def _support_crops(
         self, source: Source, support_z: list[int], boxes: list[Box]
@@ -903,13 +920,14 @@ class VolumeSegmenter:
             )
         return work.encoded[i]
 
-    def _consistent_mask(self, maps: LabelMaps, drawn: np.ndarray | None, annotated: np.ndarray) -> np.ndarray:
+    def _consistent_mask(self, maps: LabelMaps) -> np.ndarray:
         """A label's mask over its region after the 3-D steps, from its batches' masks and their
-        slices' 2-D components (:mod:`sdfsmis.pipeline.components`, nothing labelled again). In the
-        annotated volume (``drawn`` over the region, on the ``annotated`` slices): followed outwards
-        from the drawing only while it stays continuous (:func:`grounding.where_it_ends`), its 3-D
-        components that touch the drawing kept (elsewhere the largest), the drawn slices as drawn."""
+        slices' 2-D components (:mod:`sdfsmis.pipeline.components`, nothing labelled again), the
+        drawn slices as drawn. In the annotated volume: followed outwards from the drawing only
+        while it stays continuous (:func:`grounding.where_it_ends`), and its 3-D components that
+        touch the drawing kept (elsewhere the largest)."""
         cfg = self.config
+        drawn, annotated = maps.drawn, maps.drawn_slices
         masks, planes, keys = maps.slices()
         first, last = 0, len(masks) - 1
         if drawn is not None and cfg.grounding:
@@ -931,8 +949,6 @@ class VolumeSegmenter:
         mask = np.zeros(masks[0].shape + (len(masks),), dtype=bool, order="F")
         for i, z in enumerate(span):
             mask[..., z] = masks[z] if keep is None else components.kept_mask(masks[z], planes[z], keep[i])
-        if drawn is not None:
-            mask[..., annotated] = drawn[..., annotated]
         return mask
 
     def segment(
@@ -981,19 +997,13 @@ class VolumeSegmenter:
             maps = self._segment_label(sources, query, query_intensity, clock)
             clock.lap("fusion")
             region, report = maps.index, maps.report
-            own = [s.drawn[region] for s in sources if s.volume.is_query(query)]
-            drawn = own[0] if own else None
-            annotated = np.zeros(len(report.query_slices), dtype=bool) if drawn is None else drawn.any(axis=(0, 1))
-            mask = self._consistent_mask(maps, drawn, annotated)
-            if report.confidence is not None:  # drawn slices are certain
-                report.confidence = [1.0 if a else c for a, c in zip(annotated, report.confidence)]
-                result.doubt[label_id] = LabelDoubt(region, maps.parts, annotated)
+            mask = self._consistent_mask(maps)
+            if report.confidence is not None:
+                result.doubt[label_id] = maps
             if best is None:
                 np.copyto(labels[region], label_id, where=mask)
             else:
-                probability = stacked(maps.parts, "probability")
-                if drawn is not None:
-                    np.copyto(probability, 1.0, where=drawn)
+                probability = maps.stacked("probability")
                 likelier = best[region]
                 win = mask & (probability > likelier)
                 np.copyto(labels[region], label_id, where=win)

@@ -112,13 +112,17 @@ def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, pat
         image, load_volume(label_path, label=True), image, [LIVER]
     )
     assert result.reports[LIVER].support_slices == [int(z) for z in annotated]
-    assert encoded == [1] * len(annotated)  # each support row once, alone (the same bits whatever rows are with it)
     # grounded: the drawn range and a reach of max(25 % of its extent, 10 mm = 2 slices of 5 mm) each side
     extent = int(annotated[-1] - annotated[0] + 1)
     reach = max(int(np.ceil(0.25 * extent)), 2)
     expected = list(range(max(0, int(annotated[0]) - reach), min(truth.shape[2] - 1, int(annotated[-1]) + reach) + 1))
     assert result.reports[LIVER].query_slices == expected
-    assert sum(predicted) == len(expected)  # each query slice once (its features once for all its supports)
+    # each support row once, alone (the same bits whatever rows are with it), and only where the model
+    # runs: the drawn run is kept as drawn, so the two outermost drawings at each end it reaches beyond
+    ends = int(expected[0] < annotated[0]) + int(expected[-1] > annotated[-1])
+    assert ends and encoded == [1] * 2 * ends
+    # each query slice once (its features once for all its supports), but the drawn ones: kept as drawn
+    assert sum(predicted) == len(expected) - len(annotated)
 
 
 def test_review_ids_depend_only_on_the_label_ids_and_never_collide():

@@ -72,6 +72,19 @@ def test_cached_support_kv_equals_one_batch(tiny_model, tiny_config):
     assert (cached - one_batch).abs().max().item() < 1e-5
 
 
+def test_queries_encoded_once_predict_as_each_pass_encoding_them(tiny_model, tiny_config):
+    """The pipeline keeps a batch's latents and runs each serving column on them: the same bits as
+    a pass that encodes the queries itself."""
+    image, mask, query = _episode(tiny_config.model.resolution, supports=2, queries=4)
+    support = tiny_model.encode_support(image, mask)
+    index = torch.tensor([[0, 1], [1, 0], [1, 1], [0, 0]])
+    with torch.no_grad():
+        once = tiny_model.predict_encoded(support, tiny_model.encode_queries(query), index)
+        each = [tiny_model.predict(support, query, index[:, j]) for j in range(2)]
+    assert len(once) == 2 and all(torch.equal(a.probability, b.probability) for a, b in zip(once, each))
+    assert not torch.equal(once[0].probability, once[1].probability)  # the columns differ
+
+
 def test_x0_is_the_negated_unet_output(tiny_model, tiny_config):
     image, mask, query = _episode(tiny_config.model.resolution)
     support = tiny_model.encode_support(image, mask)

@@ -29,6 +29,7 @@ class TrainingFree:
 
     method = "training-free"
     encodes_queries = False  # all of their query work depends on the support
+    costly_passes = True  # kept per pass by a pipeline that keeps results, as a model's would be
     title: str
     resolution: int
     device = torch.device("cpu")

@@ -50,6 +50,9 @@ class OneShotModel(nn.Module):
     settings_class: ClassVar[type]
     ablations: ClassVar[dict[str, str]] = {}  # evaluation: variant key -> title (see :meth:`ablated`)
     encodes_queries: ClassVar[bool] = False  # query work that does not depend on the support (see encode_queries)
+    #: A pass (query slices against one support) costs a network run (SD-FSMIS: the UNet and the
+    #: decoder), so a pipeline that keeps results keeps each pass; DPL's are a few similarities.
+    costly_passes: ClassVar[bool] = True
     paper_decision: ClassVar[dict[str, Any]] = {}  # the paper protocol's decision rule, if the method states one
     resolution: int
 

@@ -845,10 +845,10 @@ class VolumeSegmenter:
         """The model's outputs for one batch of query slices (:func:`slice_outputs`), on the host,
         and the passes the model ran for them (0: all were kept). Every unit is computed in a fixed
         composition, so that a cached unit and a recomputed one are the same bits: each support row
-        encoded alone, the batch against each serving column alone. A method whose query work
-        depends on the support (SD-FSMIS) keeps each column's prediction: a correction that adds one
-        serving support to a slice costs one pass, not k; one that encodes its queries once (DPL)
-        keeps the encoding, and its passes are cheap. The outputs are kept under ``key``
+        encoded alone, the batch against each serving column alone. The query work that does not
+        depend on the support (DPL's features, SD-FSMIS's latents) is kept per batch; a method whose
+        passes are costly (SD-FSMIS's UNet and decoder) keeps each column's prediction too: a
+        correction that adds one serving support to a slice costs one pass, not k. The outputs are kept under ``key``
         (:meth:`_model_key`) too: a fusion that changes alone (a new region) reuses them."""
         passes = 0
 
@@ -865,7 +865,7 @@ class VolumeSegmenter:
         """:meth:`_model_outputs` computed, with the passes that ran (kept columns cost none)."""
         device = self.model.device
         slices = [work.slices[q] for q in rows]
-        per_column = self.cache if not self.model.encodes_queries else None
+        per_column = self.cache if self.model.costly_passes else None
         encoded = None
         predictions, passes = [], 0
 
@@ -899,8 +899,8 @@ class VolumeSegmenter:
 
     def _encoded_queries(self, queries: torch.Tensor, slices: list[bytes]):
         """One batch of query slices through the model's ``encode_queries``, kept when that is work
-        (DPL's features): a correction that changes only which supports serve these slices, not
-        their crops, then costs no second pass."""
+        (DPL's features, SD-FSMIS's latents): a correction that changes only which supports serve
+        these slices, not their crops, does not encode them again."""
         queries = queries.to(self.model.device)
         if not self.model.encodes_queries:
             return queries
@@ -987,6 +987,7 @@ class VolumeSegmenter:
         best = np.zeros(query.data.shape, dtype=np.float32, order=order) if len(label_ids) > 1 else None
         result = SegmentationResult(labels)
         registrations: dict[int, placement.Registration] = {}
+        regions: dict[int, tuple[slice, slice, slice]] = {}
         for label_id in label_ids:
             sources = []
             for source, intensity in zip(supports, intensities):
@@ -1009,9 +1010,10 @@ class VolumeSegmenter:
                 np.copyto(labels[region], label_id, where=win)
                 np.copyto(likelier, probability, where=win)
             result.reports[label_id] = report
+            regions[label_id] = region
             clock.lap("post-processing")
-        for label_id, report in result.reports.items():
-            report.voxels = int(np.count_nonzero(labels == label_id))
+        for label_id, report in result.reports.items():  # a label is written within its region only
+            report.voxels = int(np.count_nonzero(labels[regions[label_id]] == label_id))
         clock.lap("post-processing")
         result.stages, result.seconds = clock.seconds, clock.total
         return result

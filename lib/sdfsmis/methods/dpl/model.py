@@ -130,6 +130,7 @@ class DPL(OneShotModel):
     # on the same features; the untrained denoiser is Gaussian prototype augmentation; without the
     # condition the denoiser, trained with it, runs without it
     encodes_queries = True
+    costly_passes = False
     ablations = {
         "dpl-lambda0": "DPL, lambda 0 (plain prototype head)",
         "dpl-untrained-denoiser": "DPL, untrained denoiser",

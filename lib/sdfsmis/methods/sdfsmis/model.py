@@ -63,6 +63,7 @@ class SDFSMIS(OneShotModel):
     backbone_parts = ("vae", "unet", "dinov2")
     settings_key = "model"
     settings_class = ModelConfig
+    encodes_queries = True
     paper_decision = {"relative_threshold": 0.25, "largest_per_slice": True}  # of the chunk's maximum; per slice
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, dinov2: Dinov2Model, config: ModelConfig):
@@ -160,7 +161,17 @@ class SDFSMIS(OneShotModel):
 
     def predict_x0(self, support: SupportFeatures, query_image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """One-step prediction: x0 = -UNet output (alpha_bar = 0 for every t, model.md step 8)."""
-        query_latent = self.codec.encode(query_image)
+        return self._x0(support, self.codec.encode(query_image), index)
+
+    def encode_queries(self, query_image: torch.Tensor) -> torch.Tensor:
+        """The query slices' VAE latents: a quarter of a pass's cost, and none of it the support's."""
+        return self.codec.encode(query_image)
+
+    def predict_encoded(self, support: SupportFeatures, queries: torch.Tensor, index: torch.Tensor) -> list[Prediction]:
+        """Query latents (:meth:`encode_queries`) against each of their support rows [Q, k]."""
+        return [Prediction(self.codec.decode_probability(self._x0(support, queries, i))) for i in index.T]
+
+    def _x0(self, support: SupportFeatures, query_latent: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         query_input = self._query_input(support, query_latent, index)
         if support.bank is None:
             return -self.unet_output(support.latent, query_input, support.token, index)

@@ -89,6 +89,11 @@ def test_seg_round_trip_keeps_ids_names_and_colours(tmp_path):
     np.testing.assert_allclose(back.affine, original.affine, atol=1e-3)
     np.testing.assert_array_equal(back.data, original.data)
 
+    del seg.SegmentSequence  # another tool's SEG that describes no segment
+    seg.save_as(str(tmp_path / "none.dcm"))
+    with pytest.raises(ValueError, match=r"^DICOM SEG none.dcm describes no segment"):
+        seg_to_labelmap(tmp_path / "none.dcm", tmp_path / "none.nii.gz")
+
 
 def test_empty_label_is_not_stored_as_seg(tmp_path):
     image, label, affine = make_volume(3, shape=(24, 24, 6))

@@ -187,6 +187,8 @@ def labelmap_to_seg(
 def seg_to_labelmap(seg_path: str | Path, output: str | Path) -> list[dict]:
     """A DICOM SEG file -> a labelmap file (ids: :func:`label_ids`) and its segments' info."""
     seg = pydicom.dcmread(str(seg_path))
+    if not seg.get("SegmentSequence"):
+        raise ValueError(f"DICOM SEG {Path(seg_path).name} describes no segment: nothing to read as a label")
     result = pydicom_seg.MultiClassReader().read(seg)
     ids = label_ids(seg)
     to_id = np.zeros(max(ids) + 1, dtype=label_type(max(ids.values())))

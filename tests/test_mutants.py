@@ -47,6 +47,7 @@ from sdfsmis.pipeline.segmenter import (
     choose_support_slices,
     combine_supports,
     dissent,
+    drawn_voxels,
     member_variance,
     review_ids,
     select_label_ids,
@@ -461,6 +462,18 @@ def _label_volume(path: Path, ids: list[int]) -> object:
     for k, label_id in enumerate(ids):
         data[k, 0, 0] = label_id
     return load_volume(_nifti(path, data), label=True)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_drawn_voxels_are_one_label_id_and_its_slices(order):
+    label = np.zeros((5, 4, 6), np.uint8, order=order)
+    label[1, 2, 1] = label[0, 0, 4] = 3
+    label[2, 2, 2] = 1  # another id on its own slice
+    drawn, annotated = drawn_voxels(label, 3)
+    np.testing.assert_array_equal(drawn, label == 3)
+    assert annotated.tolist() == [1, 4] and drawn.flags.f_contiguous == (order == "F")
+    empty, none = drawn_voxels(label, 7)
+    assert not empty.any() and none.tolist() == []
 
 
 def test_label_ids_come_from_the_supports_and_unknown_ones_are_named(tmp_path):

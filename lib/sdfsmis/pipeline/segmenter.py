@@ -281,6 +281,20 @@ def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1)
     return Serving(index, weights)
 
 
+def drawn_voxels(label: np.ndarray, label_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels [X, Y, Z] of ``label`` that are ``label_id``, and the slices that have any. Only
+    those slices are written: the rest of the mask stays the untouched zero pages of its allocation
+    (a volume-sized comparison writes 47 MB for a 512 x 512 x 180 label drawn on a few slices)."""
+    drawn = np.zeros(label.shape, dtype=bool, order="F" if label.flags.f_contiguous else "C")
+    annotated = []
+    for z in range(label.shape[2]):
+        on_slice = label[..., z] == label_id
+        if on_slice.any():
+            drawn[..., z] = on_slice
+            annotated.append(z)
+    return drawn, np.array(annotated, dtype=np.int64)
+
+
 def select_label_ids(support_label: Volume, requested: list[int] | None = None) -> list[int]:
     """The label ids to segment: all drawn ones by default; an empty support is an error."""
     present = present_label_ids(support_label.data)
@@ -436,6 +450,7 @@ class Source:
     data: np.ndarray
     intensity: Intensity
     drawn: np.ndarray
+    annotated: np.ndarray  # the slices it is drawn on
     place: Placement
     grounded: bool = False
     carried: Box | None = None
@@ -518,6 +533,7 @@ class VolumeSegmenter:
         source: SupportVolume,
         intensity: Intensity,
         drawn: np.ndarray,
+        annotated: np.ndarray,
         query: Volume,
         registrations: dict[int, placement.Registration],
         normalised: Callable[[Volume], np.ndarray],
@@ -526,22 +542,20 @@ class VolumeSegmenter:
         and, grounded (:mod:`sdfsmis.pipeline.grounding`), the in-plane boxes segmented in both; a support
         volume is registered once per query, for all of its labels (on the ``normalised`` volumes)."""
         data = source.image.data
-        annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
         depth = query.data.shape[2]
         cfg = self.config
         if source.is_query(query):
             place = placement.same_volume(depth)
             if not cfg.grounding:
-                return Source(source, data, intensity, drawn, place)
+                return Source(source, data, intensity, drawn, annotated, place)
             extent = int(annotated[-1] - annotated[0] + 1)
             reach = max(int(np.ceil(cfg.z_margin * extent)), int(np.ceil(cfg.reach_mm / ras_spacing(query)[2])))
             first, last = max(0, int(annotated[0]) - reach), min(depth - 1, int(annotated[-1]) + reach)
             place = dataclasses.replace(place, first=first, last=last)
-            return Source(source, data, intensity, drawn, place, grounded=True)
+            return Source(source, data, intensity, drawn, annotated, place, grounded=True)
         if cfg.placement != "registration":
-            return Source(
-                source, data, intensity, drawn, placement.relative_position(annotated, data.shape[2], depth, cfg)
-            )
+            place = placement.relative_position(annotated, data.shape[2], depth, cfg)
+            return Source(source, data, intensity, drawn, annotated, place)
         if id(source) not in registrations:
             registrations[id(source)] = placement.register_volumes(
                 source.image, normalised(source.image), query, normalised(query)
@@ -550,7 +564,7 @@ class VolumeSegmenter:
         place = placement.registered_position(registration, annotated, drawn, depth, cfg)
         carried = grounding.carried_box(registration, drawn, query.data.shape, ras_spacing(query), *self._margins)
         if not cfg.grounding or carried is None:
-            return Source(source, data, intensity, drawn, place)
+            return Source(source, data, intensity, drawn, annotated, place)
         drawing = None
         complete = len(annotated) >= cfg.min_extent_slices and len(annotated) == annotated[-1] - annotated[0] + 1
         if complete and cfg.shape_reach_mm > 0:  # every slice of the structure drawn: an atlas of it
@@ -560,6 +574,7 @@ class VolumeSegmenter:
             data,
             intensity,
             drawn,
+            annotated,
             place,
             True,
             carried,
@@ -580,9 +595,8 @@ class VolumeSegmenter:
             return [whole] * len(support_z), None
         spacing = ras_spacing(source.volume.image)
         if source.carried is not None:
-            return [grounding.box_around(source.drawn, spacing, *self._margins)] * len(support_z), [
-                source.carried
-            ] * len(serving.index)
+            drawing = grounding.box_around(source.drawn[..., source.annotated], spacing, *self._margins)
+            return [drawing] * len(support_z), [source.carried] * len(serving.index)
         own = [grounding.box_around(source.drawn[..., [z]], spacing, *self._margins) for z in support_z]
         deciding = [
             functools.reduce(Box.union, [own[i] for i, w in zip(row, weights) if w > 0])
@@ -626,8 +640,7 @@ class VolumeSegmenter:
         images, masks, indices, weights, served, query_boxes = [], [], [], [], [], []
         own = None  # the annotated volume itself: (drawn, support slices, serving), for its drawn shape
         for source in sources:
-            drawn, place = source.drawn, source.place
-            annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
+            drawn, place, annotated = source.drawn, source.place, source.annotated
             # in the same volume every drawn or corrected slice is a support (bounded); from another
             # volume, a few spread over the structure (EP1)
             same = place.rule == "same volume"
@@ -653,7 +666,7 @@ class VolumeSegmenter:
         region = functools.reduce(Box.union, boxes)
         for source in sources:  # the query's own drawing lies inside, every slice of it
             if source.volume.is_query(query):
-                region = region.union(grounding.box_around(source.drawn, (1.0, 1.0), 0.0, 0.0))
+                region = region.union(grounding.box_around(source.drawn[..., source.annotated], (1.0, 1.0), 0.0, 0.0))
         support_images, support_masks = torch.cat(images), torch.cat(masks)
         work = LabelWork(
             support_images,
@@ -991,9 +1004,9 @@ class VolumeSegmenter:
         for label_id in label_ids:
             sources = []
             for source, intensity in zip(supports, intensities):
-                drawn = source.label.data == label_id
-                if drawn.any():
-                    sources.append(self._place(source, intensity, drawn, query, registrations, normalised))
+                drawn, annotated = drawn_voxels(source.label.data, label_id)
+                if len(annotated):
+                    sources.append(self._place(source, intensity, drawn, annotated, query, registrations, normalised))
             clock.lap("placement")
             maps = self._segment_label(sources, query, query_intensity, clock)
             clock.lap("fusion")

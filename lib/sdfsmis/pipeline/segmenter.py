@@ -182,7 +182,7 @@ class SegmentationResult:
         return volume
 
     def review(self, label_id: int) -> np.ndarray | None:
-        """[X, Y, Z] bool: the voxels of a label to review (:meth:`LabelDoubt.review`); None where
+        """[X, Y, Z] bool: the voxels of a label to review (:meth:`LabelMaps.review`); None where
         its members cannot disagree."""
         if label_id not in self.doubt:
             return None

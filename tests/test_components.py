@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from sdfsmis.pipeline import components
 from sdfsmis.pipeline.components import kept_components, kept_mask, overlaps, plane_components
 
 
@@ -58,7 +59,10 @@ def test_components_join_through_one_overlapping_pixel_and_not_through_a_corner(
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_equals_scipy_labelling_the_whole_stack(seed):
+@pytest.mark.parametrize("counted", [True, False])  # the overlapping pairs counted, or sorted (many components)
+def test_equals_scipy_labelling_the_whole_stack(seed, counted, monkeypatch):
+    if not counted:
+        monkeypatch.setattr(components, "DENSE_PAIRS", 0)
     rng = np.random.default_rng(seed)
     noise = ndimage.gaussian_filter(rng.normal(size=(40, 36, 30)), sigma=(2.0, 2.0, 1.5))
     mask = np.asfortranarray(noise > np.quantile(noise, 0.8))  # blobs of all sizes

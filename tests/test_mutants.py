@@ -48,6 +48,7 @@ from sdfsmis.pipeline.segmenter import (
     combine_supports,
     dissent,
     drawn_voxels,
+    half,
     member_variance,
     review_ids,
     select_label_ids,
@@ -462,6 +463,14 @@ def _label_volume(path: Path, ids: list[int]) -> object:
     for k, label_id in enumerate(ids):
         data[k, 0, 0] = label_id
     return load_volume(_nifti(path, data), label=True)
+
+
+def test_half_precision_is_numpys_bit_for_bit_in_the_same_memory_order():
+    values = np.asfortranarray(np.random.default_rng(0).normal(scale=3e4, size=(7, 5, 3)).astype(np.float32))
+    values[0, 0, 0], values[1, 0, 0], values[2, 0, 0] = np.nan, 1e-8, 1e6  # NaN, subnormal, overflow
+    halved = half(values)
+    assert halved.dtype == np.float16 and halved.flags.f_contiguous
+    np.testing.assert_array_equal(halved.view(np.uint16), values.astype(np.float16).view(np.uint16))
 
 
 @pytest.mark.parametrize("order", ["C", "F"])

@@ -16,6 +16,9 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
+#: Up to this many possible pairs of components, two slices' overlaps are counted, not sorted.
+DENSE_PAIRS = 2**16
+
 
 @dataclass(frozen=True)
 class PlaneComponents:
@@ -60,8 +63,14 @@ def overlaps(mask_a: np.ndarray, a: PlaneComponents, mask_b: np.ndarray, b: Plan
     both = mask_a & mask_b
     if a.labels is None and b.labels is None:  # one component each: they touch or they do not
         return np.array([[1, 1]] if both.any() else [], dtype=np.int64).reshape(-1, 2)
-    pairs = np.unique(a.at(both) * (b.count + 1) + b.at(both))
-    return np.stack(np.divmod(pairs, b.count + 1), axis=1)
+    width = b.count + 1
+    codes = a.at(both) * width + b.at(both)
+    bins = (a.count + 1) * width
+    if bins <= DENSE_PAIRS:  # counting the pairs is cheaper than sorting them
+        pairs = np.flatnonzero(np.bincount(codes, minlength=bins))
+    else:
+        pairs = np.unique(codes)
+    return np.stack(np.divmod(pairs, width), axis=1)
 
 
 def kept_components(

@@ -281,6 +281,12 @@ def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1)
     return Serving(index, weights)
 
 
+def half(values: np.ndarray) -> np.ndarray:
+    """float32 -> float16 in the array's own memory order, through torch: the same bits as numpy's
+    conversion at a sixth of its time (numpy's does not use the CPU's conversion instructions)."""
+    return torch.from_numpy(values).to(torch.float16).numpy()
+
+
 def drawn_voxels(label: np.ndarray, label_id: int) -> tuple[np.ndarray, np.ndarray]:
     """The voxels [X, Y, Z] of ``label`` that are ``label_id``, and the slices that have any. Only
     those slices are written: the rest of the mask stays the untouched zero pages of its allocation
@@ -836,7 +842,7 @@ class VolumeSegmenter:
         if shape_mm is not None:
             probability = grounding.with_drawn_shape(probability, shape_mm, shape.reach, threshold)
         mask = probability >= threshold
-        fused = FusedSlices(probability.astype(np.float16), mask, components.plane_components(mask))
+        fused = FusedSlices(half(probability), mask, components.plane_components(mask))
         if outputs.confidence is None:
             return fused
         uncertainty, dissent = region_of(outputs.uncertainty), region_of(outputs.dissent)
@@ -850,7 +856,7 @@ class VolumeSegmenter:
             area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
             confidence = np.where(area > 0, 1 - 4 * uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
         review = dissent >= self.config.review_dissent
-        return fused._replace(uncertainty=uncertainty.astype(np.float16), review=review, confidence=confidence)
+        return fused._replace(uncertainty=half(uncertainty), review=review, confidence=confidence)
 
     def _model_outputs(
         self, work: LabelWork, rows: np.ndarray, key: bytes, data: np.ndarray, intensity: Intensity, clock: Stages

@@ -670,9 +670,9 @@ class VolumeSegmenter:
             for per_source in zip(*[b or [None] * len(query_z) for b in query_boxes])
         ]
         region = functools.reduce(Box.union, boxes)
-        for source in sources:  # the query's own drawing lies inside, every slice of it
-            if source.volume.is_query(query):
-                region = region.union(grounding.box_around(source.drawn[..., source.annotated], (1.0, 1.0), 0.0, 0.0))
+        drawing = next((s for s in sources if s.volume.is_query(query)), None)  # the query's own
+        if drawing is not None:  # it lies inside the region, every slice of it
+            region = region.union(grounding.box_around(drawing.drawn[..., drawing.annotated], (1.0, 1.0), 0.0, 0.0))
         support_images, support_masks = torch.cat(images), torch.cat(masks)
         work = LabelWork(
             support_images,
@@ -690,8 +690,8 @@ class VolumeSegmenter:
         clock.lap("crops")
         index = region.index + (slice(first, last + 1),)
         # the slices drawn in the query itself are kept as drawn: the model is not run on them
-        drawn = next((s.drawn[index] for s in sources if s.volume.is_query(query)), None)
-        drawn_slices = np.zeros(len(query_z), dtype=bool) if drawn is None else drawn.any(axis=(0, 1))
+        drawn = None if drawing is None else drawing.drawn[index]
+        drawn_slices = np.isin(query_z, [] if drawing is None else drawing.annotated)
         chunks = [rows[~drawn_slices[rows]] for rows in self._batches(query_z)]
         chunks = [rows for rows in chunks if len(rows)]
         batches = Stages(self.model.method, log=False)

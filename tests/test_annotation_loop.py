@@ -81,6 +81,10 @@ def test_serving_supports_bracket_each_slice_and_doubt_with_the_next_nearest():
     # the bracketing pair decides even when a third support is nearer than one of them
     far = serving_supports(np.array([9.0]), [0, 10, 11], 2)
     assert far.index.tolist() == [[1, 0]] and np.allclose(far.weights, [[0.9, 0.1]])
+    # beyond the outermost support, the doubt comes from a support at least as far from the deciding
+    # one as the slice is: from slice 0 (3 slices below 3), not 4 (1 from 3) but 10; from 2, 4 will do
+    beyond = serving_supports(np.array([0.0, 1.0, 2.0]), [3, 4, 10], 2)
+    assert beyond.index.tolist() == [[0, 2], [0, 2], [0, 1]] and (beyond.weights[:, 0] == 1).all()
     one = serving_supports(np.arange(5), [0, 4], 1)  # one per slice: the nearest, ties to the first
     assert one.index[:, 0].tolist() == [0, 0, 0, 1, 1] and (one.weights == 1).all()
 
@@ -118,9 +122,11 @@ def test_thirty_supports_are_encoded_once_not_per_query_slice(tiny_backbone, pat
     expected = list(range(max(0, int(annotated[0]) - reach), min(truth.shape[2] - 1, int(annotated[-1]) + reach) + 1))
     assert result.reports[LIVER].query_slices == expected
     # each support row once, alone (the same bits whatever rows are with it), and only where the model
-    # runs: the drawn run is kept as drawn, so the two outermost drawings at each end it reaches beyond
-    ends = int(expected[0] < annotated[0]) + int(expected[-1] > annotated[-1])
-    assert ends and encoded == [1] * 2 * ends
+    # runs: the drawn run is kept as drawn; a slice d slices beyond an end is served by the end's
+    # drawing and doubted by the drawing d slices inside it (the run is contiguous)
+    beyond = (int(annotated[0]) - expected[0], expected[-1] - int(annotated[-1]))
+    rows = sum(1 + min(n, len(annotated) - 1) for n in beyond if n)
+    assert rows and encoded == [1] * rows
     # each query slice once (its features once for all its supports), but the drawn ones: kept as drawn
     assert sum(predicted) == len(expected) - len(annotated)
 

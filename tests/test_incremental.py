@@ -18,7 +18,6 @@ from sdfsmis.io.volume import Volume, load_volume
 from sdfsmis.io.weights import save_weights
 from sdfsmis.methods import load_model
 from sdfsmis.pipeline.cache import ENTRY_BYTES, ComputeCache
-from sdfsmis.pipeline.components import plane_components
 from sdfsmis.pipeline.predictor import Predictor
 from sdfsmis.pipeline.segmenter import (
     FusedSlices,
@@ -59,12 +58,16 @@ def _span(truth: Volume, label_id: int) -> np.ndarray:
 
 
 def _serving(q: int, drawn_z: list[int]) -> tuple[set[int], set[int]]:
-    """The two drawn slices nearest ``q`` (ties to the lower one), and those that decide it: the
-    nearest below and above where it lies strictly between two, else the nearest."""
-    nearest = sorted(drawn_z, key=lambda z: (abs(z - q), z))[:2]
+    """The two drawn slices that serve ``q``, and those that decide it: the nearest below and above
+    where it lies strictly between two; else the nearest (ties to the lower one) decides, and the
+    doubt's second is the nearest of those at least as far from it as ``q`` is."""
     below, above = [z for z in drawn_z if z < q], [z for z in drawn_z if z > q]
-    deciding = {max(below), min(above)} if below and above and q not in drawn_z else {nearest[0]}
-    return set(nearest), deciding
+    if below and above and q not in drawn_z:
+        return {max(below), min(above)}, {max(below), min(above)}
+    by_distance = sorted(drawn_z, key=lambda z: (abs(z - q), z))
+    nearest, rest = by_distance[0], by_distance[1:]
+    far = [z for z in rest if abs(z - nearest) >= abs(q - nearest)]
+    return {nearest, (far + rest)[0]}, {nearest}
 
 
 class CountingModel:
@@ -147,7 +150,8 @@ def test_a_correction_recomputes_only_the_slices_it_serves(patient, tiny_backbon
 def test_a_method_that_works_per_support_reruns_only_the_supports_a_correction_adds(patient, tiny_backbone):
     """SD-FSMIS's query work depends on the support, so a slice's prediction against each serving
     support is kept: beyond the outermost drawing, a correction next to it only adds itself as the
-    second serving support of those slices (the nearest still decides, its box is unchanged)."""
+    second serving support of the slice next to the drawing (the nearest still decides, its box is
+    unchanged); the slices further out keep their doubt and their passes."""
     volume, truth = patient
     span = _span(truth, 1)
     drawn_z = [int(z) for z in span[:: max(1, len(span) // 4)]][:4]
@@ -241,14 +245,20 @@ def test_the_kept_3d_steps_follow_a_changed_neighbour():
 
     def maps(third_slice: np.ndarray, key: bytes) -> LabelMaps:  # two batches: the blob twice, the third slice twice
         batches = [np.stack([blob, blob], axis=-1), np.stack([third_slice, third_slice], axis=-1)]
-        parts = [FusedSlices(m.astype(np.float16), m, plane_components(m)) for m in map(np.asfortranarray, batches)]
+        parts = [FusedSlices.of(m.astype(np.float32), m) for m in map(np.asfortranarray, batches)]
         region, rows = (slice(0, 8), slice(0, 8), slice(0, 4)), [np.array([0, 1]), np.array([2, 3])]
         report = LabelReport([0], [0, 1, 2, 3])
         return LabelMaps(region, parts, rows, [b"first", key], None, np.zeros(4, bool), report)
 
-    joined = segmenter._consistent_mask(maps(blob, b"joined"))
+    def consistent(label_maps: LabelMaps) -> np.ndarray:
+        mask = np.zeros(label_maps.shape, dtype=bool)
+        for z, kept in segmenter._consistent_slices(label_maps):
+            mask[..., z] = kept
+        return mask
+
+    joined = consistent(maps(blob, b"joined"))
     assert joined.sum() == 16  # slice 2 reaches slice 1: all four slices are one structure
-    apart = segmenter._consistent_mask(maps(moved, b"apart"))  # slice 2 changed: two structures of 8
+    apart = consistent(maps(moved, b"apart"))  # slice 2 changed: two structures of 8
     segmenter.cache = None
-    np.testing.assert_array_equal(apart, segmenter._consistent_mask(maps(moved, b"apart")))
+    np.testing.assert_array_equal(apart, consistent(maps(moved, b"apart")))
     assert apart[..., :2].all(axis=2).sum() == 4 and not apart[..., 2:].any()  # the first one, in z order

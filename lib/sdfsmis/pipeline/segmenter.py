@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -32,6 +32,7 @@ from sdfsmis.methods import OneShotModel, Prediction
 from sdfsmis.pipeline import components, grounding, placement
 from sdfsmis.pipeline.acceleration import InferenceOptions
 from sdfsmis.pipeline.cache import ComputeCache, cached, digest
+from sdfsmis.pipeline.compact import PackedMask, SparseMap
 from sdfsmis.pipeline.components import PlaneComponents
 from sdfsmis.pipeline.grounding import Box
 from sdfsmis.pipeline.placement import Placement
@@ -122,14 +123,14 @@ class LabelMaps:
         return tuple(s.stop - s.start for s in self.index)
 
     def stacked(self, name: str) -> np.ndarray | None:
-        """A map of :data:`MAP_TYPES` over the whole region in Fortran order, a copy that may be
-        changed: the batches', and on the drawn slices the drawing (probability 1 inside, 0
-        outside; no doubt). None where members cannot disagree (or nothing was segmented)."""
+        """A map of :data:`MAP_TYPES` over the whole region in Fortran order, a new array: the
+        batches' (:meth:`FusedSlices.unpacked`), and on the drawn slices the drawing (probability 1
+        inside, 0 outside; no doubt). None where members cannot disagree (or nothing was segmented)."""
         if (getattr(self.parts[0], name) if self.parts else None) is None and name != "probability":
             return None
         stack = np.zeros(self.shape, dtype=MAP_TYPES[name], order="F")
         for part, rows in zip(self.parts, self.rows):
-            stack[..., rows] = getattr(part, name)
+            stack[..., rows] = part.unpacked(name)
         if name == "probability" and self.drawn is not None:
             stack[..., self.drawn_slices] = self.drawn[..., self.drawn_slices]
         return stack
@@ -142,20 +143,37 @@ class LabelMaps:
         """[X, Y, n] bool: the voxels to review, where enough members vote against the majority."""
         return self.stacked("review")
 
-    def slices(self) -> tuple[list[np.ndarray], list[PlaneComponents], list[bytes]]:
-        """Each region slice's mask [X, Y] (a view of its batch's, or the drawing), its 2-D
-        components, and a digest of it (its batch's and its place there, or the drawing's)."""
+    def slices(self) -> tuple[SliceMasks, list[PlaneComponents], list[bytes]]:
+        """Each region slice's mask [X, Y] (unpacked from its batch's when asked for, or the
+        drawing), its 2-D components, and a digest of it (its batch's and its place there, or the
+        drawing's)."""
         depth = self.shape[2]
-        masks: list[np.ndarray] = [None] * depth
+        masks = SliceMasks([None] * depth)
         planes: list[PlaneComponents] = [None] * depth
         keys: list[bytes] = [None] * depth
         for part, rows, key in zip(self.parts, self.rows, self.keys):
             for i, z in enumerate(rows):
-                masks[z], planes[z], keys[z] = part.mask[..., i], part.planes[i], digest(key, i)
+                masks.sources[z], planes[z], keys[z] = (part.mask, i), part.planes[i], digest(key, i)
         for z in np.flatnonzero(self.drawn_slices):
-            masks[z] = self.drawn[..., z]
+            masks.sources[z] = self.drawn[..., z]
             planes[z], keys[z] = PlaneComponents.of(masks[z]), digest(b"drawn", masks[z])
         return masks, planes, keys
+
+
+class SliceMasks(Sequence):
+    """A region's slice masks [X, Y], each unpacked from its batch's bits when asked for: the 3-D
+    steps visit them one or two at a time, and unpacking all at once would hold the region's mask
+    as bytes again."""
+
+    def __init__(self, sources: list[tuple[PackedMask, int] | np.ndarray | None]):
+        self.sources = sources  # per slice: (a batch's mask, its place there), or the mask itself
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        source = self.sources[z]
+        return source[0].slice(source[1]) if isinstance(source, tuple) else source
 
 
 @dataclass
@@ -258,7 +276,13 @@ def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1)
     of which only the two that bracket it decide (weights linear in the position between them, as
     interpolation), or the nearest alone where none brackets it (beyond the outermost support, on a
     support, or ``count`` 1). The others are members of the doubt only: so a correction changes the result
-    between its neighbouring supports and nowhere else, as interpolating drawn slices does."""
+    between its neighbouring supports and nowhere else, as interpolating drawn slices does.
+
+    Beyond the outermost support, the doubt's members are first those at least as far from the
+    deciding support as the query slice is: the doubt of carrying a drawing d slices on is how much
+    the structure changes over d slices, which a drawing one slice from the deciding one cannot
+    show. So a correction next to the outermost drawing leaves the doubt of the slices far beyond it
+    (and their passes) as they were."""
     position = np.asarray(position, dtype=np.float64)
     z = np.asarray(support_z, dtype=np.float64)
     distance = np.abs(position[:, None] - z[None, :])
@@ -269,9 +293,15 @@ def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1)
     below = np.where(lower, distance, np.inf).argmin(axis=1)
     above = np.where(upper, distance, np.inf).argmin(axis=1)
     rows = []
-    for q in range(len(position)):  # the bracketing pair first (nearer one first), then the nearest others
-        first = sorted((int(below[q]), int(above[q])), key=lambda i: distance[q, i]) if bracketed[q] else []
-        rows.append((first + [int(i) for i in order[q] if i not in first])[:k])
+    for q in range(len(position)):  # the deciding ones first (nearer one first), then the nearest others
+        if bracketed[q]:
+            first = sorted((int(below[q]), int(above[q])), key=lambda i: distance[q, i])
+            others = [int(i) for i in order[q] if i not in first]
+        else:
+            first, rest = [int(order[q][0])], [int(i) for i in order[q][1:]]
+            far = [i for i in rest if abs(z[i] - z[first[0]]) >= distance[q, first[0]]]
+            others = far + [i for i in rest if i not in far]
+        rows.append((first + others)[:k])
     index = np.array(rows, dtype=np.int64).reshape(len(position), k)
     near, far = (np.take_along_axis(distance, index[:, i : i + 1], axis=1)[:, 0] for i in (0, min(1, k - 1)))
     weights = np.zeros(index.shape, dtype=np.float32)
@@ -279,12 +309,6 @@ def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1)
     if k >= 2:
         weights[:, 1] = np.where(bracketed, 1.0 - weights[:, 0], 0.0)
     return Serving(index, weights)
-
-
-def half(values: np.ndarray) -> np.ndarray:
-    """float32 -> float16 in the array's own memory order, through torch: the same bits as numpy's
-    conversion at a sixth of its time (numpy's does not use the CPU's conversion instructions)."""
-    return torch.from_numpy(values).to(torch.float16).numpy()
 
 
 def drawn_voxels(label: np.ndarray, label_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -465,14 +489,44 @@ class Source:
 
 class FusedSlices(NamedTuple):
     """A batch of query slices' maps over the label's region after the fusion with its shape: what
-    a re-run takes from the cache where nothing that decides them changed."""
+    a re-run takes from the cache where nothing that decides them changed. Held small
+    (:mod:`sdfsmis.pipeline.compact`): a request reads the masks, and the other maps only when it
+    asks for them (:meth:`unpacked`)."""
 
-    probability: np.ndarray  # [X, Y, n] float16
-    mask: np.ndarray  # [X, Y, n] bool: the probability at the threshold, decided in float32
+    probability: SparseMap  # [X, Y, n] float16 within the mask (0 elsewhere), on the mask's 0 and 1
+    mask: PackedMask  # [X, Y, n]: the probability at the threshold, decided in float32
     planes: list[PlaneComponents]  # each slice's 2-D components of the mask
-    uncertainty: np.ndarray | None = None  # [X, Y, n] float16, 0 off the shape's contour
-    review: np.ndarray | None = None  # [X, Y, n] bool: the members' dissent at the review level
+    uncertainty: SparseMap | None = None  # [X, Y, n] float16, 0 off the shape's contour
+    review: PackedMask | None = None  # [X, Y, n]: the members' dissent at the review level
     confidence: np.ndarray | None = None  # [n]
+
+    @classmethod
+    def of(
+        cls,
+        probability: np.ndarray,
+        mask: np.ndarray,
+        uncertainty: np.ndarray | None = None,
+        review: np.ndarray | None = None,
+        confidence: np.ndarray | None = None,
+    ) -> FusedSlices:
+        """A batch's maps [X, Y, n] (Fortran order) held small. The probability is kept only within
+        the mask: only there does a label's win over another read it."""
+        return cls(
+            SparseMap.of(probability * mask, background=mask),
+            PackedMask.of(mask),
+            components.plane_components(mask),
+            None if uncertainty is None else SparseMap.of(uncertainty),
+            None if review is None else PackedMask.of(review),
+            confidence,
+        )
+
+    def unpacked(self, name: str) -> np.ndarray:
+        """One of :data:`MAP_TYPES` as an array [X, Y, n] (Fortran order)."""
+        if name == "probability":
+            return self.probability.dense(background=self.mask.unpacked())
+        if name == "uncertainty":
+            return self.uncertainty.dense()
+        return self.review.unpacked()
 
 
 @dataclass
@@ -842,9 +896,8 @@ class VolumeSegmenter:
         if shape_mm is not None:
             probability = grounding.with_drawn_shape(probability, shape_mm, shape.reach, threshold)
         mask = probability >= threshold
-        fused = FusedSlices(half(probability), mask, components.plane_components(mask))
         if outputs.confidence is None:
-            return fused
+            return FusedSlices.of(probability, mask)
         uncertainty, dissent = region_of(outputs.uncertainty), region_of(outputs.dissent)
         confidence = outputs.confidence.numpy()
         if shape_mm is not None:
@@ -855,8 +908,7 @@ class VolumeSegmenter:
             dissent *= contour
             area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
             confidence = np.where(area > 0, 1 - 4 * uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
-        review = dissent >= self.config.review_dissent
-        return fused._replace(uncertainty=half(uncertainty), review=review, confidence=confidence)
+        return FusedSlices.of(probability, mask, uncertainty, dissent >= self.config.review_dissent, confidence)
 
     def _model_outputs(
         self, work: LabelWork, rows: np.ndarray, key: bytes, data: np.ndarray, intensity: Intensity, clock: Stages
@@ -939,12 +991,13 @@ class VolumeSegmenter:
             )
         return work.encoded[i]
 
-    def _consistent_mask(self, maps: LabelMaps) -> np.ndarray:
-        """A label's mask over its region after the 3-D steps, from its batches' masks and their
-        slices' 2-D components (:mod:`sdfsmis.pipeline.components`, nothing labelled again), the
-        drawn slices as drawn. In the annotated volume: followed outwards from the drawing only
-        while it stays continuous (:func:`grounding.where_it_ends`), and its 3-D components that
-        touch the drawing kept (elsewhere the largest)."""
+    def _consistent_slices(self, maps: LabelMaps) -> Iterator[tuple[int, np.ndarray]]:
+        """A label's mask over its region after the 3-D steps, slice by slice (region slice, [X, Y]
+        mask; the slices not given are empty), from its batches' masks and their slices' 2-D
+        components (:mod:`sdfsmis.pipeline.components`, nothing labelled again), the drawn slices
+        as drawn. In the annotated volume: followed outwards from the drawing only while it stays
+        continuous (:func:`grounding.where_it_ends`), and its 3-D components that touch the drawing
+        kept (elsewhere the largest). Slice by slice: a region-sized mask is not held."""
         cfg = self.config
         drawn, annotated = maps.drawn, maps.drawn_slices
         masks, planes, keys = maps.slices()
@@ -964,11 +1017,10 @@ class VolumeSegmenter:
                 for z in span[:-1]
             ]
             seeds = [drawn[..., z] if annotated[z] else None for z in span]
-            keep = components.kept_components([masks[z] for z in span], [planes[z] for z in span], joins, seeds)
-        mask = np.zeros(masks[0].shape + (len(masks),), dtype=bool, order="F")
+            in_span = SliceMasks(masks.sources[first : last + 1])
+            keep = components.kept_components(in_span, planes[first : last + 1], joins, seeds)
         for i, z in enumerate(span):
-            mask[..., z] = masks[z] if keep is None else components.kept_mask(masks[z], planes[z], keep[i])
-        return mask
+            yield z, masks[z] if keep is None else components.kept_mask(masks[z], planes[z], keep[i])
 
     def segment(
         self, support_image: Volume, support_label: Volume, query: Volume, label_ids: list[int] | None = None
@@ -1003,7 +1055,7 @@ class VolumeSegmenter:
         # operations then run over contiguous memory
         order = "F" if query.data.flags.f_contiguous else "C"
         labels = np.zeros(query.data.shape, dtype=label_type(max(label_ids)), order=order)
-        best = np.zeros(query.data.shape, dtype=np.float32, order=order) if len(label_ids) > 1 else None
+        best = np.zeros(query.data.shape, dtype=np.float16, order=order) if len(label_ids) > 1 else None
         result = SegmentationResult(labels)
         registrations: dict[int, placement.Registration] = {}
         regions: dict[int, tuple[slice, slice, slice]] = {}
@@ -1017,17 +1069,18 @@ class VolumeSegmenter:
             maps = self._segment_label(sources, query, query_intensity, clock)
             clock.lap("fusion")
             region, report = maps.index, maps.report
-            mask = self._consistent_mask(maps)
             if report.confidence is not None:
                 result.doubt[label_id] = maps
-            if best is None:
-                np.copyto(labels[region], label_id, where=mask)
-            else:
-                probability = maps.stacked("probability")
-                likelier = best[region]
-                win = mask & (probability > likelier)
-                np.copyto(labels[region], label_id, where=win)
-                np.copyto(likelier, probability, where=win)
+            written = labels[region]
+            probability = None if best is None else maps.stacked("probability")
+            for z, mask in self._consistent_slices(maps):
+                if best is None:
+                    np.copyto(written[..., z], label_id, where=mask)
+                else:
+                    likelier = best[region][..., z]
+                    win = mask & (probability[..., z] > likelier)
+                    np.copyto(written[..., z], label_id, where=win)
+                    np.copyto(likelier, probability[..., z], where=win)
             result.reports[label_id] = report
             regions[label_id] = region
             clock.lap("post-processing")

@@ -90,16 +90,17 @@ def cmd_infer(args: argparse.Namespace) -> None:
             "DICOM series folder"
         )
     structures = [name.strip() for name in args.structures.split(",") if name.strip()] if args.structures else None
+    query, query_series = _image(args.image)
     supports, label_info = [], {}
     for image_path, label_path in zip(args.support_image, args.support_label):
-        image, series = _image(image_path)
+        same = image_path.resolve() == args.image.resolve()  # the query drawn on: read once, held once
+        image, series = (query, query_series) if same else _image(image_path)
         label, entries = _support_label(label_path, image, series, structures)
         support = SupportVolume(image, label)
         check_same_geometry(support.image, support.label)
         supports.append(support)
         for entry in entries:  # names and colours for DICOM outputs: the first support that names an id
             label_info.setdefault(entry["idx"], entry)
-    query, query_series = _image(args.image)
     labels = select_supported_ids(supports, [int(k) for k in args.labels.split(",")] if args.labels else None)
     if args.checkpoint is None:
         print(

@@ -17,7 +17,8 @@ from sdfsmis.config import InferenceConfig
 from sdfsmis.io.volume import Volume, load_volume
 from sdfsmis.io.weights import save_weights
 from sdfsmis.methods import load_model
-from sdfsmis.pipeline.cache import ENTRY_BYTES, ComputeCache
+from sdfsmis.pipeline import placement
+from sdfsmis.pipeline.cache import ENTRY_BYTES, ComputeCache, digest
 from sdfsmis.pipeline.predictor import Predictor
 from sdfsmis.pipeline.segmenter import (
     FusedSlices,
@@ -177,6 +178,36 @@ def test_a_method_that_works_per_support_reruns_only_the_supports_a_correction_a
     assert counter.passes == expected < 2 * changed  # both passes of every changed slice: nothing kept
 
 
+def test_the_next_patient_is_registered_and_carried_once(patient, tiny_backbone, tmp_path, monkeypatch):
+    """The next patient: another patient's complete drawing serves this one, then a correction
+    drawn in this one. The re-run neither registers the other patient again nor carries its
+    drawing into this one again (each a second on a 512 x 512 x 180 CT), and gives a full
+    recompute's result."""
+    volume, truth = patient
+    image, other_truth, affine = make_volume(6, shape=(52, 44, 40))  # another body, another grid
+    other = load_volume(write_nifti(tmp_path / "other.nii.gz", image, affine))
+    other_label = load_volume(write_nifti(tmp_path / "other_truth.nii.gz", other_truth, affine), label=True)
+    atlas = SupportVolume(other, _drawn(other_label, (1,), list(_span(other_label, 1))), name="other")
+    calls = {"register_volumes": 0, "carried_drawing": 0}
+    for name in calls:
+        function = getattr(placement, name)
+
+        def counted(*args, function=function, name=name):
+            calls[name] += 1
+            return function(*args)
+
+        monkeypatch.setattr(placement, name, counted)
+    cached, full = _predictors(tiny_backbone, "dpl")
+    first = cached.segment([atlas], volume, progress=False)
+    assert calls == {"register_volumes": 1, "carried_drawing": 1}
+    assert first.reports[1].served_by[0].placement.rule == "registration"  # registered, not the fallback
+    z = int(np.median(_span(truth, 1)))
+    corrected = [atlas, SupportVolume(volume, _drawn(truth, (1,), [z]))]
+    again = cached.segment(corrected, volume, progress=False)
+    assert calls == {"register_volumes": 1, "carried_drawing": 1}  # kept from the first run
+    _same(again, full.segment(corrected, volume, progress=False))
+
+
 @pytest.mark.parametrize("method", ["dpl"])
 def test_a_second_label_and_a_removed_support(patient, tiny_backbone, method):
     volume, truth = patient
@@ -201,6 +232,17 @@ def test_a_second_label_and_a_removed_support(patient, tiny_backbone, method):
     removed = cached.segment([fewer], volume, [1, 4], progress=False)
     _same(removed, full.segment([fewer], volume, [1, 4], progress=False))
     assert 0 < counter.passes < k * (len(removed.reports[1].query_slices) + len(removed.reports[4].query_slices))
+
+
+def test_a_digest_takes_an_array_in_any_memory_layout():
+    """A reoriented image can be a view with its axes permuted, in neither C nor Fortran order: it is
+    digested as its C-ordered copy is (the registration's key digests whole images)."""
+    volume = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    permuted = volume.transpose(1, 2, 0)
+    assert not (permuted.flags.c_contiguous or permuted.flags.f_contiguous)
+    assert digest(permuted) == digest(np.ascontiguousarray(permuted))
+    flipped = permuted[:, ::-1]
+    assert digest(flipped) == digest(np.ascontiguousarray(flipped)) != digest(permuted)
 
 
 def test_the_cache_keeps_its_bound_and_evicts_the_oldest():

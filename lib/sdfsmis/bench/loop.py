@@ -6,7 +6,8 @@ recompute), which the re-run must equal voxel for voxel. Server time is the requ
 reading the image and the label from disk, segmenting, writing the result as OHIF asks for it
 (NRRD); the model is loaded before. Peak memory is the process's peak resident set during each run
 above what it held with the model loaded; what the predictor's cache holds after the run (within its
-bound, ``--cache-mb``) is part of it and is given too."""
+bound, ``--cache-mb``) is part of it and is given too. With ``--atlas``, another patient's image and
+its complete drawing serve every run too, registered onto the volume: the next patient's loop."""
 
 from __future__ import annotations
 
@@ -52,15 +53,19 @@ def _drawn(truth: np.ndarray, slices: list[int]) -> np.ndarray:
     return drawn
 
 
-def _server_run(predictor: Predictor, image: Path, label: Path, output: Path) -> tuple[SegmentationResult, dict]:
-    """One request's work: read the image and the support label, segment, write the result."""
+def _server_run(
+    predictor: Predictor, image: Path, label: Path, output: Path, atlas: tuple[Path, Path] | None = None
+) -> tuple[SegmentationResult, dict]:
+    """One request's work: read the image and the support labels, segment, write the result."""
     baseline = _resident_mb("VmRSS")
     _reset_peak()
     clock = Stages()
     query = predictor.read_image(image)
-    support = load_volume(label, label=True)
+    supports = [SupportVolume(query, load_volume(label, label=True))]
+    if atlas is not None:
+        supports.append(SupportVolume(predictor.read_image(atlas[0]), load_volume(atlas[1], label=True)))
     clock.lap("read")
-    result = predictor.segment([SupportVolume(query, support)], query, progress=False)
+    result = predictor.segment(supports, query, progress=False)
     clock.absorb(result.stages)
     query.save_label(result.labels, output)
     clock.lap("write")
@@ -100,14 +105,14 @@ def run_loop_bench(args: argparse.Namespace) -> dict:
         support, output = Path(folder) / "support.nii.gz", Path(folder) / "result.nrrd"
         truth_volume.save_label(_drawn(truth, drawn_z), support)
         truth_volume.save_label(truth, output)  # a running server has imported ITK's NRRD writer (seconds) before
-        first, first_figures = _server_run(predictor, args.volume, support, output)
+        first, first_figures = _server_run(predictor, args.volume, support, output, args.atlas)
         gaps = [int(z) for z in span if z not in drawn_z and drawn_z[0] < z < drawn_z[-1]]
         corrected = _worst_slice(first.labels > 0, truth, gaps or [int(z) for z in span if z not in drawn_z])
         truth_volume.save_label(_drawn(truth, sorted([*drawn_z, corrected])), support)
-        rerun, rerun_figures = _server_run(predictor, args.volume, support, output)
+        rerun, rerun_figures = _server_run(predictor, args.volume, support, output, args.atlas)
         if predictor.cache is not None:
             predictor.cache.clear()
-        full, full_figures = _server_run(predictor, args.volume, support, output)
+        full, full_figures = _server_run(predictor, args.volume, support, output, args.atlas)
     volume_mb = truth.size * 4 / 2**20
     result = {
         "loop": True,
@@ -118,6 +123,7 @@ def run_loop_bench(args: argparse.Namespace) -> dict:
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "dinov2_hidden_size": predictor.model.dinov2.config.hidden_size,  # 384: DINOv2-small, the real shape
         "volume": str(args.volume),
+        "atlas": None if args.atlas is None else [str(path) for path in args.atlas],
         "shape": list(truth.shape),
         "volume_float32_mb": round(volume_mb, 1),
         "label_id": args.label_id,
@@ -152,6 +158,7 @@ def format_loop_table(result: dict) -> str:
     rows = [
         ("method / device", f"{result['method']} / {result['device']}"),
         ("volume", f"{result['shape']} ({result['volume_float32_mb']} MB as float32)"),
+        ("another patient's support", result["atlas"][0] if result["atlas"] else "none"),
         ("drawn slices / corrected", f"{result['drawn_slices']} / {result['corrected_slice']}"),
     ]
     for name in ("first", "rerun", "full_recompute"):

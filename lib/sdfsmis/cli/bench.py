@@ -102,5 +102,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     loop.add_argument("--label-id", type=int, default=1, help="the structure's id in --truth")
     loop.add_argument("--every", type=int, default=8, help="draw every N-th slice of the structure")
     loop.add_argument("--cache-mb", type=float, default=1024.0, help="what the predictor keeps (the app's cache_mb)")
+    loop.add_argument(
+        "--atlas",
+        type=Path,
+        nargs=2,
+        default=None,
+        metavar=("IMAGE", "LABEL"),
+        help="another patient's image and its label of the same id, drawn on every slice: a second support, "
+        "registered onto the volume (the next patient's loop)",
+    )
     bench.add_argument("--json", default=None, help="write the figures here")
     bench.set_defaults(run=cmd_bench)

@@ -35,6 +35,8 @@ def digest(*parts: bytes | str | float | int | np.ndarray | torch.Tensor) -> byt
         if isinstance(part, np.ndarray):
             if not (part.flags.c_contiguous or part.flags.f_contiguous):
                 part = part.copy(order="K")  # a crop of a Fortran-ordered volume stays Fortran: no transposing copy
+                if not (part.flags.c_contiguous or part.flags.f_contiguous):  # axes permuted: neither order
+                    part = np.ascontiguousarray(part)
             fortran = not part.flags.c_contiguous
             h.update(f"{part.dtype}{part.shape}{'F' if fortran else 'C'}".encode())
             h.update((part.T if fortran else part).data)

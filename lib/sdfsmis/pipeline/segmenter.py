@@ -595,12 +595,13 @@ class VolumeSegmenter:
         drawn: np.ndarray,
         annotated: np.ndarray,
         query: Volume,
-        registrations: dict[int, placement.Registration],
-        normalised: Callable[[Volume], np.ndarray],
+        registered: Callable[[SupportVolume], tuple[placement.Registration, bytes]],
     ) -> Source:
         """Where ``source``'s annotation of one label lies in the query (:mod:`sdfsmis.pipeline.placement`)
-        and, grounded (:mod:`sdfsmis.pipeline.grounding`), the in-plane boxes segmented in both; a support
-        volume is registered once per query, for all of its labels (on the ``normalised`` volumes)."""
+        and, grounded (:mod:`sdfsmis.pipeline.grounding`), the in-plane boxes segmented in both. Another
+        patient's volume is ``registered`` onto the query (with the digest it is kept under), and a
+        drawing it carries into the query is kept under that and the drawing's digest: a re-run after
+        a correction in the query resamples neither again."""
         data = source.image.data
         depth = query.data.shape[2]
         cfg = self.config
@@ -616,11 +617,7 @@ class VolumeSegmenter:
         if cfg.placement != "registration":
             place = placement.relative_position(annotated, data.shape[2], depth, cfg)
             return Source(source, data, intensity, drawn, annotated, place)
-        if id(source) not in registrations:
-            registrations[id(source)] = placement.register_volumes(
-                source.image, normalised(source.image), query, normalised(query)
-            )
-        registration = registrations[id(source)]
+        registration, registration_key = registered(source)
         place = placement.registered_position(registration, annotated, drawn, depth, cfg)
         carried = grounding.carried_box(registration, drawn, query.data.shape, ras_spacing(query), *self._margins)
         if not cfg.grounding or carried is None:
@@ -628,7 +625,11 @@ class VolumeSegmenter:
         drawing = None
         complete = len(annotated) >= cfg.min_extent_slices and len(annotated) == annotated[-1] - annotated[0] + 1
         if complete and cfg.shape_reach_mm > 0:  # every slice of the structure drawn: an atlas of it
-            drawing = placement.carried_drawing(registration, source.image, drawn, query)
+            drawing = cached(
+                self.cache,
+                digest(b"carried", registration_key, drawn),
+                lambda: placement.carried_drawing(registration, source.image, drawn, query),
+            )
         return Source(
             source,
             data,
@@ -1045,11 +1046,29 @@ class VolumeSegmenter:
         ]
         clock.lap("prepare")
         normalised_volumes: dict[int, np.ndarray] = {}
+        contents: dict[int, bytes] = {}
+        registrations: dict[int, tuple[placement.Registration, bytes]] = {}
 
         def normalised(volume: Volume) -> np.ndarray:  # registration alone needs a whole normalised volume
             if id(volume) not in normalised_volumes:
                 normalised_volumes[id(volume)] = volume.intensity(cfg.clip_percentiles).apply(volume.data)
             return normalised_volumes[id(volume)]
+
+        def content(volume: Volume) -> bytes:  # what an image holds and where, digested once per request
+            if id(volume) not in contents:
+                contents[id(volume)] = digest(volume.data, volume.affine)
+            return contents[id(volume)]
+
+        def registered(source: SupportVolume) -> tuple[placement.Registration, bytes]:
+            """Once per request for all of a support's labels, and kept by both images' content."""
+            if id(source) not in registrations:
+                key = digest(b"registration", content(source.image), content(query), cfg.clip_percentiles)
+
+                def register(image: Volume = source.image) -> placement.Registration:
+                    return placement.register_volumes(image, normalised(image), query, normalised(query))
+
+                registrations[id(source)] = cached(self.cache, key, register), key
+            return registrations[id(source)]
 
         # volume-sized arrays in the volume's memory order (Fortran, as NIfTI stores it): slice by slice
         # operations then run over contiguous memory
@@ -1057,14 +1076,13 @@ class VolumeSegmenter:
         labels = np.zeros(query.data.shape, dtype=label_type(max(label_ids)), order=order)
         best = np.zeros(query.data.shape, dtype=np.float16, order=order) if len(label_ids) > 1 else None
         result = SegmentationResult(labels)
-        registrations: dict[int, placement.Registration] = {}
         regions: dict[int, tuple[slice, slice, slice]] = {}
         for label_id in label_ids:
             sources = []
             for source, intensity in zip(supports, intensities):
                 drawn, annotated = drawn_voxels(source.label.data, label_id)
                 if len(annotated):
-                    sources.append(self._place(source, intensity, drawn, annotated, query, registrations, normalised))
+                    sources.append(self._place(source, intensity, drawn, annotated, query, registered))
             clock.lap("placement")
             maps = self._segment_label(sources, query, query_intensity, clock)
             clock.lap("fusion")

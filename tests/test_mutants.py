@@ -439,7 +439,7 @@ def test_a_registration_itk_cannot_run_says_why(tmp_path):
     rng = np.random.default_rng(0)
     support = load_volume(_nifti(tmp_path / "s.nii.gz", rng.standard_normal((40, 40, 20)).astype(np.float32)))
     query = load_volume(_nifti(tmp_path / "q.nii.gz", rng.standard_normal((3, 3, 2)).astype(np.float32)))
-    result = placement.register_volumes(support, support.data, query, query.data)  # too small to register
+    result = placement.register_volumes(support, query, (0.5, 99.5))  # too small to register
     # ITK's own reason (the last line of its message, not the source file it names before)
     assert result.transform is None and result.problem.startswith("registration failed (ITK ERROR: ")
     np.testing.assert_array_equal(result.query_affine, np.eye(4))
@@ -713,11 +713,10 @@ def test_registered_supports_are_placed_by_their_registration(tiny_backbone, tmp
     query = _patient(tmp_path, 46, 24).image
     result = _segment(_segmenter(tiny_backbone, grounding=grounding), supports, query, [1])
     config = InferenceConfig()
-    normalised = [normalise_intensity(v.data, config.clip_percentiles) for v in (query, *(s.image for s in supports))]
     report = result.reports[1]
-    for support, data, served in zip(supports, normalised[1:], report.served_by):
+    for support, served in zip(supports, report.served_by):
         drawn = support.label.data == 1
-        registration = placement.register_volumes(support.image, data, query, normalised[0])
+        registration = placement.register_volumes(support.image, query, config.clip_percentiles)
         annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
         expected = registered_position(registration, annotated, drawn, 24, config)  # checked by hand above
         assert served.placement == expected and served.support_slices == choose_support_slices(annotated, 3)

@@ -4,11 +4,14 @@ rule misses it, and the placement is the same every run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from sdfsmis.config import InferenceConfig
-from sdfsmis.io.volume import load_volume, normalise_intensity
+from sdfsmis.io.volume import load_volume
 from sdfsmis.pipeline import placement
 from sdfsmis.samples.synthetic import make_volume, write_nifti
 
@@ -36,15 +39,13 @@ def test_registration_range_covers_the_organ_where_the_relative_rule_misses_it(c
     drawn = support_label.data == SPLEEN
     annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
     truth = np.flatnonzero((query_label.data == SPLEEN).any(axis=(0, 1)))
-    support_data = normalise_intensity(support.data, config.clip_percentiles)
-    query_data = normalise_intensity(query.data, config.clip_percentiles)
     depth = query.data.shape[2]
 
     def covered(place: placement.Placement) -> float:
         return float(np.mean((truth >= place.first) & (truth <= place.last)))
 
     relative = placement.relative_position(annotated, support.data.shape[2], depth, config)
-    registration = placement.register_volumes(support, support_data, query, query_data)
+    registration = placement.register_volumes(support, query, config.clip_percentiles)
     assert registration.problem is None
     registered = placement.registered_position(registration, annotated, drawn, depth, config)
     print(f"spleen slices inside the range: registration {covered(registered):.2f}, relative {covered(relative):.2f}")
@@ -55,7 +56,7 @@ def test_registration_range_covers_the_organ_where_the_relative_rule_misses_it(c
     middle = truth[len(truth) // 2]
     assert abs(registered.position(middle) - annotated[len(annotated) // 2]) <= 3
     # the same placement every run
-    again = placement.register_volumes(support, support_data, query, query_data)
+    again = placement.register_volumes(support, query, config.clip_percentiles)
     assert again.transform.GetParameters() == registration.transform.GetParameters()
 
 
@@ -65,7 +66,47 @@ def test_an_untrustworthy_registration_falls_back_to_every_slice(cropped_pair):
     drawn = support_label.data == SPLEEN
     annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
     noise = np.random.default_rng(0).standard_normal(query.data.shape).astype(np.float32)  # no anatomy to match
-    registration = placement.register_volumes(support, normalise_intensity(support.data, (0.5, 99.5)), query, noise)
+    registration = placement.register_volumes(support, dataclasses.replace(query, data=noise), (0.5, 99.5))
     assert registration.problem is not None and "too little" in registration.problem
     place = placement.registered_position(registration, annotated, drawn, query.data.shape[2], config)
     assert place.rule.startswith("all slices: ") and (place.first, place.last) == (0, query.data.shape[2] - 1)
+
+
+def _itk_image(volume, data: np.ndarray):
+    """The working array [X, Y, Z] as an ITK image with the volume's world geometry, built here from
+    the affine alone (voxel (i, j, k) at affine @ (i, j, k, 1))."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    affine = placement._ras_affine(volume)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(affine[:3, 3].tolist())
+    image.SetDirection((affine[:3, :3] / spacing).flatten().tolist())
+    return image
+
+
+def test_the_registration_grid_is_itks_binshrink_of_the_normalised_volume(tmp_path):
+    # odd sizes (the blocks do not divide them) and an oblique, LPS-stored scan; 1.5 mm voxels -> blocks of 4
+    image, _, affine = make_volume(3, shape=(45, 38, 27), spacing=(1.5, 1.5, 2.0), oblique=True, orientation="LPS")
+    volume = load_volume(write_nifti(tmp_path / "oblique.nii.gz", image, affine))
+    intensity = volume.intensity((0.5, 99.5))
+    binned = placement._binned_image(volume, intensity)
+    expected = sitk.BinShrink(_itk_image(volume, intensity.apply(volume.data)), [4, 4, 3])
+    assert binned.GetSize() == expected.GetSize() == (11, 9, 9)
+    np.testing.assert_allclose(binned.GetOrigin(), expected.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(binned.GetSpacing(), expected.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(binned.GetDirection(), expected.GetDirection(), atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(binned), sitk.GetArrayViewFromImage(expected))
+
+
+def test_a_drawing_is_carried_slab_by_slab_as_in_one_piece(cropped_pair):
+    (support, support_label), (query, _) = cropped_pair
+    registration = placement.register_volumes(support, query, (0.5, 99.5))
+    drawn = support_label.data == SPLEEN
+    carried = placement.carried_drawing(registration, support, drawn, query)
+    assert query.data.shape[2] > placement.CARRY_SLAB  # more than one slab
+    moving = _itk_image(support, drawn.astype(np.float32))
+    fixed = _itk_image(query, np.zeros(query.data.shape, np.uint8))
+    whole = sitk.Resample(moving, fixed, registration.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    expected = sitk.GetArrayFromImage(whole).transpose(2, 1, 0) > 0.5
+    assert expected.any()
+    np.testing.assert_array_equal(carried, expected)

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats
 
 from sdfsmis.evaluation.dataset import PreparedDataset
-from sdfsmis.io.volume import load_volume, normalise_intensity
+from sdfsmis.io.volume import load_volume
 from sdfsmis.metrics import dice
 from sdfsmis.pipeline import placement
 from sdfsmis.pipeline.segmenter import SupportVolume, VolumeSegmenter
@@ -90,7 +90,6 @@ def placement_study(dataset: PreparedDataset, config: Settings, work: Path, pair
             load_volume(dataset.image(support_case)),
             load_volume(dataset.label(support_case), label=True),
         )
-        support_data = normalise_intensity(support.data, clip)
         for name, top, bottom, extend in FIELDS_OF_VIEW:
             query, query_label = field_of_view(
                 dataset.image(query_case),
@@ -100,9 +99,8 @@ def placement_study(dataset: PreparedDataset, config: Settings, work: Path, pair
                 bottom,
                 extend,
             )
-            query_data = normalise_intensity(query.data, clip)
             started = time.perf_counter()
-            registration = placement.register_volumes(support, support_data, query, query_data)
+            registration = placement.register_volumes(support, query, clip)
             seconds = time.perf_counter() - started
             depth = query.data.shape[2]
             for organ, label_id in _organs(dataset).items():

@@ -1045,14 +1045,8 @@ class VolumeSegmenter:
             query_intensity if s.is_query(query) else s.image.intensity(cfg.clip_percentiles) for s in supports
         ]
         clock.lap("prepare")
-        normalised_volumes: dict[int, np.ndarray] = {}
         contents: dict[int, bytes] = {}
         registrations: dict[int, tuple[placement.Registration, bytes]] = {}
-
-        def normalised(volume: Volume) -> np.ndarray:  # registration alone needs a whole normalised volume
-            if id(volume) not in normalised_volumes:
-                normalised_volumes[id(volume)] = volume.intensity(cfg.clip_percentiles).apply(volume.data)
-            return normalised_volumes[id(volume)]
 
         def content(volume: Volume) -> bytes:  # what an image holds and where, digested once per request
             if id(volume) not in contents:
@@ -1065,7 +1059,7 @@ class VolumeSegmenter:
                 key = digest(b"registration", content(source.image), content(query), cfg.clip_percentiles)
 
                 def register(image: Volume = source.image) -> placement.Registration:
-                    return placement.register_volumes(image, normalised(image), query, normalised(query))
+                    return placement.register_volumes(image, query, cfg.clip_percentiles)
 
                 registrations[id(source)] = cached(self.cache, key, register), key
             return registrations[id(source)]

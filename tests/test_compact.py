@@ -6,7 +6,7 @@ import pytest
 
 from sdfsmis.pipeline.cache import nbytes
 from sdfsmis.pipeline.compact import SPARSE_SHARE, PackedMask, SparseMap, half
-from sdfsmis.pipeline.segmenter import FusedSlices
+from sdfsmis.pipeline.segmenter import FusedSlices, LabelMaps, LabelReport, claim
 
 
 def test_half_precision_is_numpys_bit_for_bit_in_the_same_memory_order():
@@ -79,3 +79,24 @@ def test_a_batch_keeps_its_probability_within_its_mask_and_gives_its_maps_back()
     # kept: the voxels of the mask below 1 (the random half of x 17..19 above 0.5), not the whole map
     assert len(fused.probability.index) == np.count_nonzero(mask[17:])
     assert len(fused.uncertainty.index) == 1
+
+
+def test_overlapping_labels_go_to_the_likelier_one_from_the_kept_probabilities():
+    shape = (4, 3, 2)
+    first = np.full(shape, 0.7, np.float32, order="F")  # label 1 everywhere, at 0.7
+    second = np.zeros(shape, np.float32, order="F")
+    second[:2], second[2] = 0.9, 0.6  # label 2 at x 0-1 (0.9) and x 2 (0.6), not at x 3
+    second[0, 0, 0] = 1.0  # exactly 1: kept as the mask itself, not as a stored voxel
+    labels = np.zeros(shape, np.uint8, order="F")
+    best = np.zeros(shape, np.float16, order="F")
+    for label_id, probability in ((1, first), (2, second)):
+        mask = probability >= 0.5
+        fused = FusedSlices.of(probability, mask)
+        maps = LabelMaps(
+            (slice(0, 4), slice(0, 3), slice(0, 2)), [fused], [np.array([0, 1])], [b"batch"], None,
+            np.zeros(2, bool), LabelReport([0], [0, 1]),
+        )  # fmt: skip
+        claim(labels, best, label_id, ((z, mask[..., z]) for z in range(2)), maps)
+    expected = np.ones(shape, np.uint8)
+    expected[:2] = 2  # 0.9 and 1.0 beat 0.7; 0.6 does not
+    np.testing.assert_array_equal(labels, expected)

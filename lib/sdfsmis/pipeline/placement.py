@@ -20,7 +20,7 @@ says why).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -110,7 +110,9 @@ def _ras_affine(volume: Volume) -> np.ndarray:
     return volume.affine @ orientations.inv_ornt_aff(_to_ras(volume.affine), volume.shape)
 
 
-def _in_world(image: sitk.Image, volume: Volume, start: tuple[int, int, int] = (0, 0, 0), bins=(1, 1, 1)) -> sitk.Image:
+def _in_world(
+    image: sitk.Image, volume: Volume, start: tuple[int, int, int] = (0, 0, 0), bins: Sequence[int] = (1, 1, 1)
+) -> sitk.Image:
     """``image`` given the volume's world geometry: its voxel 0 at the working array's voxel
     ``start``, each of its voxels a block of ``bins`` of the array's (centred on the block, as ITK's
     BinShrink places it)."""

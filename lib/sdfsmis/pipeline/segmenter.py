@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -253,6 +253,27 @@ class SegmentationResult:
             "passes_computed": {str(k): r.computed_passes for k, r in self.reports.items()},
             "stages": {stage: round(seconds, 3) for stage, seconds in self.stages.items()},
         }
+
+
+def claim(
+    labels: np.ndarray,
+    best: np.ndarray | None,
+    label_id: int,
+    slices: Iterable[tuple[int, np.ndarray]],
+    maps: LabelMaps,
+) -> None:
+    """Write one label's mask, given slice by slice (``slices``: region slice, [X, Y] mask), into
+    ``labels`` over its region. With several labels, ``best`` (the same region) holds the
+    probability of the label each voxel went to so far: a voxel of this mask goes to this label
+    only where its probability (:meth:`LabelMaps.stacked`) is higher, the first label on a tie."""
+    probability = None if best is None else maps.stacked("probability")
+    for z, mask in slices:
+        if best is None:
+            np.copyto(labels[..., z], label_id, where=mask)
+            continue
+        win = mask & (probability[..., z] > best[..., z])
+        np.copyto(labels[..., z], label_id, where=win)
+        np.copyto(best[..., z], probability[..., z], where=win)
 
 
 def choose_support_slices(annotated: np.ndarray, count: int) -> list[int]:
@@ -1068,6 +1089,7 @@ class VolumeSegmenter:
         # operations then run over contiguous memory
         order = "F" if query.data.flags.f_contiguous else "C"
         labels = np.zeros(query.data.shape, dtype=label_type(max(label_ids)), order=order)
+        # each label's most likely voxels, for several labels: float16, as the probabilities it holds are
         best = np.zeros(query.data.shape, dtype=np.float16, order=order) if len(label_ids) > 1 else None
         result = SegmentationResult(labels)
         regions: dict[int, tuple[slice, slice, slice]] = {}
@@ -1083,16 +1105,7 @@ class VolumeSegmenter:
             region, report = maps.index, maps.report
             if report.confidence is not None:
                 result.doubt[label_id] = maps
-            written = labels[region]
-            probability = None if best is None else maps.stacked("probability")
-            for z, mask in self._consistent_slices(maps):
-                if best is None:
-                    np.copyto(written[..., z], label_id, where=mask)
-                else:
-                    likelier = best[region][..., z]
-                    win = mask & (probability[..., z] > likelier)
-                    np.copyto(written[..., z], label_id, where=win)
-                    np.copyto(likelier, probability[..., z], where=win)
+            claim(labels[region], None if best is None else best[region], label_id, self._consistent_slices(maps), maps)
             result.reports[label_id] = report
             regions[label_id] = region
             clock.lap("post-processing")

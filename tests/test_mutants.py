@@ -439,7 +439,8 @@ def test_a_registration_itk_cannot_run_says_why(tmp_path):
     rng = np.random.default_rng(0)
     support = load_volume(_nifti(tmp_path / "s.nii.gz", rng.standard_normal((40, 40, 20)).astype(np.float32)))
     query = load_volume(_nifti(tmp_path / "q.nii.gz", rng.standard_normal((3, 3, 2)).astype(np.float32)))
-    result = placement.register_volumes(support, query, (0.5, 99.5))  # too small to register
+    intensities = support.intensity((0.5, 99.5)), query.intensity((0.5, 99.5))
+    result = placement.register_volumes(support, intensities[0], query, intensities[1])  # too small to register
     # ITK's own reason (the last line of its message, not the source file it names before)
     assert result.transform is None and result.problem.startswith("registration failed (ITK ERROR: ")
     np.testing.assert_array_equal(result.query_affine, np.eye(4))
@@ -716,7 +717,10 @@ def test_registered_supports_are_placed_by_their_registration(tiny_backbone, tmp
     report = result.reports[1]
     for support, served in zip(supports, report.served_by):
         drawn = support.label.data == 1
-        registration = placement.register_volumes(support.image, query, config.clip_percentiles)
+        clip = config.clip_percentiles
+        registration = placement.register_volumes(
+            support.image, support.image.intensity(clip), query, query.intensity(clip)
+        )
         annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
         expected = registered_position(registration, annotated, drawn, 24, config)  # checked by hand above
         assert served.placement == expected and served.support_slices == choose_support_slices(annotated, 3)

@@ -45,7 +45,8 @@ def test_registration_range_covers_the_organ_where_the_relative_rule_misses_it(c
         return float(np.mean((truth >= place.first) & (truth <= place.last)))
 
     relative = placement.relative_position(annotated, support.data.shape[2], depth, config)
-    registration = placement.register_volumes(support, query, config.clip_percentiles)
+    intensities = support.intensity(config.clip_percentiles), query.intensity(config.clip_percentiles)
+    registration = placement.register_volumes(support, intensities[0], query, intensities[1])
     assert registration.problem is None
     registered = placement.registered_position(registration, annotated, drawn, depth, config)
     print(f"spleen slices inside the range: registration {covered(registered):.2f}, relative {covered(relative):.2f}")
@@ -56,7 +57,7 @@ def test_registration_range_covers_the_organ_where_the_relative_rule_misses_it(c
     middle = truth[len(truth) // 2]
     assert abs(registered.position(middle) - annotated[len(annotated) // 2]) <= 3
     # the same placement every run
-    again = placement.register_volumes(support, query, config.clip_percentiles)
+    again = placement.register_volumes(support, intensities[0], query, intensities[1])
     assert again.transform.GetParameters() == registration.transform.GetParameters()
 
 
@@ -66,7 +67,10 @@ def test_an_untrustworthy_registration_falls_back_to_every_slice(cropped_pair):
     drawn = support_label.data == SPLEEN
     annotated = np.flatnonzero(drawn.any(axis=(0, 1)))
     noise = np.random.default_rng(0).standard_normal(query.data.shape).astype(np.float32)  # no anatomy to match
-    registration = placement.register_volumes(support, dataclasses.replace(query, data=noise), (0.5, 99.5))
+    noisy = dataclasses.replace(query, data=noise)
+    registration = placement.register_volumes(
+        support, support.intensity((0.5, 99.5)), noisy, noisy.intensity((0.5, 99.5))
+    )
     assert registration.problem is not None and "too little" in registration.problem
     place = placement.registered_position(registration, annotated, drawn, query.data.shape[2], config)
     assert place.rule.startswith("all slices: ") and (place.first, place.last) == (0, query.data.shape[2] - 1)
@@ -100,7 +104,9 @@ def test_the_registration_grid_is_itks_binshrink_of_the_normalised_volume(tmp_pa
 
 def test_a_drawing_is_carried_slab_by_slab_as_in_one_piece(cropped_pair):
     (support, support_label), (query, _) = cropped_pair
-    registration = placement.register_volumes(support, query, (0.5, 99.5))
+    registration = placement.register_volumes(
+        support, support.intensity((0.5, 99.5)), query, query.intensity((0.5, 99.5))
+    )
     drawn = support_label.data == SPLEEN
     carried = placement.carried_drawing(registration, support, drawn, query)
     assert query.data.shape[2] > placement.CARRY_SLAB  # more than one slab

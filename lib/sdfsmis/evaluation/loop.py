@@ -90,6 +90,7 @@ def placement_study(dataset: PreparedDataset, config: Settings, work: Path, pair
             load_volume(dataset.image(support_case)),
             load_volume(dataset.label(support_case), label=True),
         )
+        support_intensity = support.intensity(clip)
         for name, top, bottom, extend in FIELDS_OF_VIEW:
             query, query_label = field_of_view(
                 dataset.image(query_case),
@@ -100,7 +101,7 @@ def placement_study(dataset: PreparedDataset, config: Settings, work: Path, pair
                 extend,
             )
             started = time.perf_counter()
-            registration = placement.register_volumes(support, query, clip)
+            registration = placement.register_volumes(support, support_intensity, query, query.intensity(clip))
             seconds = time.perf_counter() - started
             depth = query.data.shape[2]
             for organ, label_id in _organs(dataset).items():

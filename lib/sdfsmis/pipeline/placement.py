@@ -204,14 +204,16 @@ class Registration:
     problem: str | None = None
 
 
-def register_volumes(support: Volume, query: Volume, percentiles: tuple[float, float]) -> Registration:
-    """Register the support volume onto the query (each one's intensities normalised between its
-    ``percentiles``) and judge it."""
+def register_volumes(
+    support: Volume, support_intensity: Intensity, query: Volume, query_intensity: Intensity
+) -> Registration:
+    """Register the support volume onto the query (each one's intensities normalised by its
+    :class:`~sdfsmis.io.volume.Intensity`) and judge it."""
     affines = _ras_affine(support), _ras_affine(query)
     try:
         with _single_threaded():
-            fixed = _binned_image(query, query.intensity(percentiles))
-            transform, start, final = register(fixed, _binned_image(support, support.intensity(percentiles)))
+            fixed = _binned_image(query, query_intensity)
+            transform, start, final = register(fixed, _binned_image(support, support_intensity))
     except RuntimeError as error:
         return Registration(None, *affines, f"registration failed ({str(error).strip().splitlines()[-1]})")
     if not np.isfinite(final) or final > start:

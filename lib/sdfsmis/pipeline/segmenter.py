@@ -320,8 +320,8 @@ def serving_supports(position: np.ndarray, support_z: list[int], count: int = 1)
             others = [int(i) for i in order[q] if i not in first]
         else:
             first, rest = [int(order[q][0])], [int(i) for i in order[q][1:]]
-            far = [i for i in rest if abs(z[i] - z[first[0]]) >= distance[q, first[0]]]
-            others = far + [i for i in rest if i not in far]
+            distant = [i for i in rest if abs(z[i] - z[first[0]]) >= distance[q, first[0]]]
+            others = distant + [i for i in rest if i not in distant]
         rows.append((first + others)[:k])
     index = np.array(rows, dtype=np.int64).reshape(len(position), k)
     near, far = (np.take_along_axis(distance, index[:, i : i + 1], axis=1)[:, 0] for i in (0, min(1, k - 1)))
@@ -616,7 +616,7 @@ class VolumeSegmenter:
         drawn: np.ndarray,
         annotated: np.ndarray,
         query: Volume,
-        registered: Callable[[SupportVolume], tuple[placement.Registration, bytes]],
+        registered: Callable[[SupportVolume, Intensity], tuple[placement.Registration, bytes]],
     ) -> Source:
         """Where ``source``'s annotation of one label lies in the query (:mod:`sdfsmis.pipeline.placement`)
         and, grounded (:mod:`sdfsmis.pipeline.grounding`), the in-plane boxes segmented in both. Another
@@ -638,7 +638,7 @@ class VolumeSegmenter:
         if cfg.placement != "registration":
             place = placement.relative_position(annotated, data.shape[2], depth, cfg)
             return Source(source, data, intensity, drawn, annotated, place)
-        registration, registration_key = registered(source)
+        registration, registration_key = registered(source, intensity)
         place = placement.registered_position(registration, annotated, drawn, depth, cfg)
         carried = grounding.carried_box(registration, drawn, query.data.shape, ras_spacing(query), *self._margins)
         if not cfg.grounding or carried is None:
@@ -1074,13 +1074,13 @@ class VolumeSegmenter:
                 contents[id(volume)] = digest(volume.data, volume.affine)
             return contents[id(volume)]
 
-        def registered(source: SupportVolume) -> tuple[placement.Registration, bytes]:
+        def registered(source: SupportVolume, intensity: Intensity) -> tuple[placement.Registration, bytes]:
             """Once per request for all of a support's labels, and kept by both images' content."""
             if id(source) not in registrations:
                 key = digest(b"registration", content(source.image), content(query), cfg.clip_percentiles)
 
                 def register(image: Volume = source.image) -> placement.Registration:
-                    return placement.register_volumes(image, query, cfg.clip_percentiles)
+                    return placement.register_volumes(image, intensity, query, query_intensity)
 
                 registrations[id(source)] = cached(self.cache, key, register), key
             return registrations[id(source)]

@@ -161,7 +161,7 @@ class SDFSMIS(OneShotModel):
 
     def predict_x0(self, support: SupportFeatures, query_image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """One-step prediction: x0 = -UNet output (alpha_bar = 0 for every t, model.md step 8)."""
-        return self._x0(support, self.codec.encode(query_image), index)
+        return self._x0(support, self.encode_queries(query_image), index)
 
     def encode_queries(self, query_image: torch.Tensor) -> torch.Tensor:
         """The query slices' VAE latents: a quarter of a pass's cost, and none of it the support's."""

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from sdfsmis.pipeline.mapped import mapped_copy
+
 T = TypeVar("T")
 
 
@@ -93,17 +95,23 @@ class ComputeCache:
             self.hits += 1
             return entry[0]
 
-    def put(self, key: bytes, value: Any) -> None:
+    def put(self, key: bytes, value: T) -> T:
+        """Keep ``value`` under ``key``, its arrays copied outside the heap
+        (:func:`~sdfsmis.pipeline.mapped.mapped_copy`), and return what is kept: the caller goes
+        on with the copy and lets the original go. A value larger than the bound is returned as it is."""
         size = nbytes(value) + ENTRY_BYTES
+        if size <= self.max_bytes:
+            value = mapped_copy(value)
         with self._lock:
             if key in self._entries:
                 self.bytes -= self._entries.pop(key)[1]
             if size > self.max_bytes:
-                return
+                return value
             self._entries[key] = (value, size)
             self.bytes += size
             while self.bytes > self.max_bytes:
                 self.bytes -= self._entries.popitem(last=False)[1][1]
+        return value
 
     def clear(self) -> None:
         with self._lock:
@@ -126,5 +134,5 @@ def cached(cache: ComputeCache | None, key: bytes, compute: Callable[[], T]) -> 
     if value is None:
         value = compute()
         if cache is not None:
-            cache.put(key, value)
+            value = cache.put(key, value)
     return value

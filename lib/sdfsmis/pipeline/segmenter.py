@@ -814,7 +814,7 @@ class VolumeSegmenter:
             for j, i in enumerate(todo):
                 found[i] = (images[j : j + 1].clone(), masks[j : j + 1].clone())
                 if self.cache is not None:
-                    self.cache.put(keys[i], found[i])
+                    found[i] = self.cache.put(keys[i], found[i])
         return torch.cat([crops[0] for crops in found]), torch.cat([crops[1] for crops in found])
 
     def _label_shape(

@@ -5,6 +5,7 @@ read; header-only geometry agrees with the full load."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import itk
 import nibabel as nib
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from sdfsmis.io.volume import VolumeError, VolumeTooLarge, check_same_geometry, load_volume, read_geometry
+from sdfsmis.pipeline.acceleration import retain_freed_memory
 from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 
@@ -80,3 +82,42 @@ def test_intensity_bounds_are_taken_once_per_volume_and_anew_for_a_replaced_one(
     brighter = dataclasses.replace(volume, data=volume.data * 2 + 100)
     moved = brighter.intensity((0.5, 99.5))
     assert (float(moved.low), float(moved.high)) == pytest.approx((2 * low + 100, 2 * high + 100), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "label"),
+    [("i2", (20, 18, 37), False), ("u2", (20, 18, 37, 1), False), ("u1", (21, 19, 17), True)],
+)
+def test_a_compressed_nifti_is_read_slab_by_slab_into_the_voxels_nibabel_reads(tmp_path, dtype, shape, label):
+    """Depths that are no multiple of the slab, a 4-D file of one frame, a label."""
+    voxels = np.random.default_rng(3).integers(0, 200, size=shape).astype(dtype)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    path = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(voxels, affine), path)
+    whole = np.asanyarray(nib.load(path).dataobj.get_unscaled())  # nibabel's own read of all of it
+    expected = whole[..., 0] if len(shape) == 4 else whole
+    np.testing.assert_array_equal(expected, voxels.reshape(expected.shape))
+    read = load_volume(path, label=label)
+    np.testing.assert_array_equal(read.to_original(read.data), expected)
+    assert read.data.dtype == (np.uint8 if label else whole.dtype)
+
+
+def _resident_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status: resident memory is not known here")
+
+
+def test_reading_a_compressed_image_holds_it_about_once(tmp_path):
+    """In a server's heap (freed memory kept, the CPU default) a whole-file read left the
+    decompression buffer resident beside the image: twice the image."""
+    if not retain_freed_memory():
+        pytest.skip("not glibc: freed heap memory is not kept here")
+    ramp = np.add.outer(np.arange(512, dtype=np.int16), np.arange(512, dtype=np.int16))
+    image = np.repeat(ramp[..., None], 96, axis=2)  # 48 MB, compresses fast
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.eye(4)), path)
+    before = _resident_mb()
+    volume = load_volume(path)
+    assert _resident_mb() - before < 1.3 * volume.data.nbytes / 2**20

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from nibabel import orientations
 
 LABEL_FORMATS = (".nii.gz", ".nii", ".nrrd")
+#: Slices read at a time from a compressed NIfTI file (:func:`_stored_voxels`).
+READ_SLAB = 16
 
 
 class VolumeError(ValueError):
@@ -216,8 +218,24 @@ def present_label_ids(data: np.ndarray) -> list[int]:
     return sorted(ids)
 
 
+def _stored_voxels(image: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """The voxels as the file stores them. A compressed file is read :data:`READ_SLAB` slices at a
+    time into the array: read whole, nibabel first decompresses it into a buffer of its own and then
+    copies that into the array, and a server's heap keeps the freed buffer (a 94 MB CT took 184 MB).
+    An uncompressed one stays mapped from its file, as nibabel gives it."""
+    raw = image.dataobj
+    unscaled = (raw.slope, raw.inter) == (1.0, 0.0)  # then nibabel's slices are the stored voxels
+    if not (path.name.endswith(".gz") and unscaled and len(image.shape) >= 3):
+        return np.asanyarray(raw.get_unscaled())
+    data = np.empty(image.shape, dtype=raw.dtype, order="F")
+    for first in range(0, image.shape[2], READ_SLAB):
+        slab = (slice(None), slice(None), slice(first, first + READ_SLAB))
+        data[slab] = raw[slab]
+    return data
+
+
 def _read_nifti(path: Path, what: str, label: bool, max_voxels: int | None) -> tuple[np.ndarray, np.ndarray, object]:
-    image = nib.load(str(path))
+    image = nib.load(str(path), keep_file_open=True)  # slabs read in order: the stream is decompressed once
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"{what} {path.name} is a {type(image).__name__}, not a NIfTI or NRRD volume")
     raw = image.dataobj
@@ -225,9 +243,9 @@ def _read_nifti(path: Path, what: str, label: bool, max_voxels: int | None) -> t
         raise VolumeError(f"{what} {path.name} holds RGB/structured voxels, expected one grayscale channel")
     _check_size(what, path, image.shape, max_voxels)
     if label:  # the stored integers, scaled slice by slice (nibabel would scale all of it to float64)
-        data = _label_ids(np.asanyarray(raw.get_unscaled()), path.name, float(raw.slope), float(raw.inter))
+        data = _label_ids(_stored_voxels(image, path), path.name, float(raw.slope), float(raw.inter))
     elif np.dtype(raw.dtype) in EXACT_IN_FLOAT32 and nib.is_proxy(raw) and (raw.slope, raw.inter) == (1.0, 0.0):
-        data = np.asanyarray(raw.get_unscaled())
+        data = _stored_voxels(image, path)
     else:
         data = image.get_fdata(dtype=np.float32)
     return data, image.affine.astype(np.float64), image.header

@@ -65,6 +65,11 @@ def nbytes(value: Any) -> int:
     return 0
 
 
+#: Values from this size on are kept where they were computed: one block that size pins nothing
+#: the heap could not reuse once it is freed (an image read, a drawing carried into the query),
+#: and a copy would hold it twice for a moment (a 512 x 512 x 180 CT: 94 MB more at its read).
+WHOLE_BLOCK_BYTES = 16 * 2**20
+
 #: What an entry costs beyond its arrays (its key, the bookkeeping): so that many small entries
 #: (a pair of slices' overlapping components) count too, and are evicted like large ones.
 ENTRY_BYTES = 256
@@ -96,11 +101,12 @@ class ComputeCache:
             return entry[0]
 
     def put(self, key: bytes, value: T) -> T:
-        """Keep ``value`` under ``key``, its arrays copied outside the heap
-        (:func:`~sdfsmis.pipeline.mapped.mapped_copy`), and return what is kept: the caller goes
-        on with the copy and lets the original go. A value larger than the bound is returned as it is."""
+        """Keep ``value`` under ``key`` and return what is kept. Below :data:`WHOLE_BLOCK_BYTES` its
+        arrays are copied outside the heap (:func:`~sdfsmis.pipeline.mapped.mapped_copy`): the caller
+        goes on with the copy and lets the original go. A value larger than the bound is returned as
+        it is, not kept."""
         size = nbytes(value) + ENTRY_BYTES
-        if size <= self.max_bytes:
+        if size <= self.max_bytes and size < WHOLE_BLOCK_BYTES:
             value = mapped_copy(value)
         with self._lock:
             if key in self._entries:

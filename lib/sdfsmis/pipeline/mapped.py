@@ -2,12 +2,12 @@
 library's heap.
 
 A server keeps what a request computed (:mod:`sdfsmis.pipeline.cache`) while the request goes on
-allocating and freeing buffers around it. In glibc's heap a kept buffer pins the freed space
-around it: measured on the first DPL run over a 512 x 512 x 180 volume (2 CPU cores, real
-DINOv2-small shape), the process held 843 MB of freed heap at the end, and its peak was 1245 MB
-above the loaded model for 368 MB kept. Held in its own map, each kept value is returned to the
-kernel whole when it is evicted, and the heap's freed space is reused by the next batch: the peak
-fell to about 860 MB at the same speed.
+allocating and freeing buffers around it. In glibc's heap the kept pieces of each batch were
+allocated among its freed buffers, and the next batch's larger buffers no longer fitted the holes:
+after the first DPL run over a 512 x 512 x 180 head (2 CPU cores, real DINOv2-small shape) the
+process held 843 MB of freed heap, and its peak was 877-1305 MB above the loaded model for 368 MB
+kept. Held in its own map, each kept value leaves the heap's freed space whole for the next batch
+and goes back to the kernel when it is evicted: the peak was 800-822 MB, at the same speed.
 
 One map per value, with all of its arrays packed in it: a value of many small arrays costs one
 map, not many. Only CPU arrays are copied; a tensor on an accelerator stays where it is.

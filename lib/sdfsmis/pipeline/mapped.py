@@ -25,7 +25,7 @@ import torch
 
 T = TypeVar("T")
 
-#: Each array starts on a cache line, as the C library aligns its own allocations.
+#: Each array starts on a cache line, as torch aligns its own allocations.
 ALIGNMENT = 64
 
 

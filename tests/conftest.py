@@ -21,6 +21,7 @@ from filelock import FileLock
 
 from app_server import free_port
 from sdfsmis.dicom.orthanc import OrthancServer, OrthancUnavailable
+from sdfsmis.pipeline.acceleration import retain_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch follows OMP_NUM_THREADS (apps/test.sh sets each xdist worker's share of the cores); without it, at most 2
@@ -44,6 +45,24 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
             folder.mkdir()
             done.write_text(json.dumps(build(folder), default=str))
     return folder, json.loads(done.read_text())
+
+
+@pytest.fixture()
+def resident_mb() -> Callable[[], float]:
+    """This process's resident memory in MB, read when called, with freed heap memory kept as a
+    server keeps it on the CPU (``retain_freed_memory``); skipped where either is not known here
+    (no ``/proc``, a C library other than glibc)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("no /proc/self/status: resident memory is not known here")
+    if not retain_freed_memory():
+        pytest.skip("not glibc: freed heap memory is not kept here")
+
+    def read() -> float:
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    return read
 
 
 @pytest.fixture(scope="session")

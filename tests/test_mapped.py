@@ -6,14 +6,12 @@ go returns its memory to the system at once, although the heap keeps what it fre
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 
-from sdfsmis.pipeline.acceleration import retain_freed_memory
 from sdfsmis.pipeline.cache import ComputeCache, cached
 from sdfsmis.pipeline.mapped import mapped_copy
 
@@ -88,27 +86,18 @@ def test_what_the_cache_returns_is_the_copy_it_keeps():
     np.testing.assert_array_equal(first, computed)
 
 
-def _resident_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status: resident memory is not known here")
-
-
-def test_an_entry_the_cache_lets_go_gives_its_memory_back():
+def test_an_entry_the_cache_lets_go_gives_its_memory_back(resident_mb):
     """With freed memory kept by the heap (the CPU default of a server), kept values that lived in
     the heap would stay resident after eviction; each in its own map is returned whole."""
-    if not retain_freed_memory():
-        pytest.skip("not glibc: freed heap memory is not kept here")
     entry_mb, entries = 8, 8  # a batch's kept maps are a few MB each
     cache = ComputeCache(2 * entry_mb * entries * 2**20)
     for i in range(entries):
         computed = np.full(entry_mb * 2**20 // 8, float(i))  # in the heap, which keeps it once freed
         cache.put(bytes([i]), computed)
     del computed
-    before = _resident_mb()
+    before = resident_mb()
     cache.clear()
-    assert before - _resident_mb() >= 0.9 * entry_mb * entries
+    assert before - resident_mb() >= 0.9 * entry_mb * entries
 
 
 def test_a_whole_block_is_kept_where_it_was_computed():

@@ -5,7 +5,6 @@ read; header-only geometry agrees with the full load."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import itk
 import nibabel as nib
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 
 from sdfsmis.io.volume import VolumeError, VolumeTooLarge, check_same_geometry, load_volume, read_geometry
-from sdfsmis.pipeline.acceleration import retain_freed_memory
 from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 
@@ -102,22 +100,13 @@ def test_a_compressed_nifti_is_read_slab_by_slab_into_the_voxels_nibabel_reads(t
     assert read.data.dtype == (np.uint8 if label else whole.dtype)
 
 
-def _resident_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status: resident memory is not known here")
-
-
-def test_reading_a_compressed_image_holds_it_about_once(tmp_path):
+def test_reading_a_compressed_image_holds_it_about_once(tmp_path, resident_mb):
     """In a server's heap (freed memory kept, the CPU default) a whole-file read left the
     decompression buffer resident beside the image: twice the image."""
-    if not retain_freed_memory():
-        pytest.skip("not glibc: freed heap memory is not kept here")
     ramp = np.add.outer(np.arange(512, dtype=np.int16), np.arange(512, dtype=np.int16))
     image = np.repeat(ramp[..., None], 96, axis=2)  # 48 MB, compresses fast
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(image, np.eye(4)), path)
-    before = _resident_mb()
+    before = resident_mb()
     volume = load_volume(path)
-    assert _resident_mb() - before < 1.3 * volume.data.nbytes / 2**20
+    assert resident_mb() - before < 1.3 * volume.data.nbytes / 2**20

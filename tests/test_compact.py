@@ -52,6 +52,24 @@ def test_a_sparse_map_on_a_mask_keeps_only_what_differs_from_it():
     np.testing.assert_array_equal(sparse.dense(background=mask), probability.astype(np.float16))
 
 
+def test_a_voxel_that_is_its_background_in_float16_is_not_kept():
+    # deep inside a large structure the fused probability is 1 to within float16's step, and far
+    # off a contour the doubt is below float16's smallest number: both read back as they would be kept
+    mask = np.ones((5, 4, 2), bool, order="F")
+    probability = np.ones(mask.shape, np.float32, order="F")
+    probability[0, 0, 0] = 1 - 2.0**-13  # float16: 1
+    probability[1, 0, 0] = 0.9999  # float16: 1
+    probability[2, 0, 0] = 0.999  # float16: 0.999 (1 - 2**-10 is float16's step below 1): kept
+    doubt = np.zeros(mask.shape, np.float32, order="F")
+    doubt[0, 1, 1], doubt[3, 3, 1] = 1e-9, 0.01  # the first underflows float16 to 0
+    kept = SparseMap.of(probability, background=mask)
+    assert kept.index.tolist() == [2]
+    np.testing.assert_array_equal(kept.dense(background=mask), probability.astype(np.float16))
+    kept = SparseMap.of(doubt)
+    assert kept.index.tolist() == [3 + 3 * 5 + 20]
+    np.testing.assert_array_equal(kept.dense(), doubt.astype(np.float16))
+
+
 def test_a_map_off_its_background_almost_everywhere_is_kept_whole():
     values = np.asfortranarray(np.random.default_rng(2).random((8, 8, 2)).astype(np.float32))
     values[values < 0.5] = 0  # about half the voxels differ from zero: more than SPARSE_SHARE

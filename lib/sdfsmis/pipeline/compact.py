@@ -17,6 +17,8 @@ import torch
 #: A sparse map costs an index (4 bytes) and a value per voxel it keeps: past this share of its
 #: voxels, it is kept as the array itself.
 SPARSE_SHARE = 0.25
+#: 1.0 in float16, as an integer: a boolean background's 1.
+ONE_BITS = np.float16(1).view(np.uint16)
 
 
 def half(values: np.ndarray) -> np.ndarray:
@@ -67,15 +69,18 @@ class SparseMap:
     def of(cls, values: np.ndarray, background: np.ndarray | None = None) -> SparseMap:
         """float32 ``values`` [X, Y, n], kept as float16, against ``background`` (None: zero; a
         boolean background is 0 and 1), which must be given back to :meth:`dense` to rebuild them.
-        Compared in float32 (numpy has no float16 arithmetic of its own): a voxel equal to its
-        background there is equal in float16 too."""
-        flat = values.reshape(-1, order="F")
-        differs = flat != 0 if background is None else flat != background.reshape(-1, order="F")
+        A voxel is kept where its float16 bits differ from the background's: a probability within
+        2**-12 of 1 is 1 in float16 (deep inside a large structure, most of it), a doubt below
+        float16's smallest step is 0, and :meth:`dense` gives the same bits whether they were kept
+        or not. The bits are compared as integers (numpy has no float16 arithmetic of its own)."""
+        halved = half(np.asfortranarray(values)).reshape(-1, order="F")
+        bits = halved.view(np.uint16)
+        differs = bits != 0 if background is None else bits != background.reshape(-1, order="F") * ONE_BITS
         index = np.flatnonzero(differs)
-        if len(index) > SPARSE_SHARE * flat.size:
-            return cls(values.shape, None, half(np.asfortranarray(values)))
-        dtype = np.int32 if flat.size < 2**31 else np.int64
-        return cls(values.shape, index.astype(dtype), half(flat[index]))
+        if len(index) > SPARSE_SHARE * bits.size:
+            return cls(values.shape, None, halved.reshape(values.shape, order="F"))
+        dtype = np.int32 if bits.size < 2**31 else np.int64
+        return cls(values.shape, index.astype(dtype), halved[index])
 
     def dense(self, background: np.ndarray | None = None) -> np.ndarray:
         """The map [X, Y, n] (Fortran order), a new array, on ``background`` (None: zero)."""

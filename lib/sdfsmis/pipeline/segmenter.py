@@ -941,8 +941,10 @@ class VolumeSegmenter:
         encoded alone, the batch against each serving column alone. The query work that does not
         depend on the support (DPL's features, SD-FSMIS's latents) is kept per batch; a method whose
         passes are costly (SD-FSMIS's UNet and decoder) keeps each column's prediction too: a
-        correction that adds one serving support to a slice costs one pass, not k. The outputs are kept under ``key``
-        (:meth:`_model_key`) too: a fusion that changes alone (a new region) reuses them."""
+        correction that adds one serving support to a slice costs one pass, not k. Such a method's
+        outputs are kept under ``key`` (:meth:`_model_key`) too: a fusion that changes alone (a new
+        region, a moved shape) reuses them. DPL's are a few similarities of kept features, cheaper
+        to redo than to hold (120 MB at the model's resolution over a 180-slice head)."""
         passes = 0
 
         def compute() -> SliceOutputs:
@@ -950,7 +952,7 @@ class VolumeSegmenter:
             outputs, passes = self._run_model(work, rows, data, intensity, clock)
             return outputs
 
-        return cached(self.cache, key, compute), passes
+        return cached(self.cache if self.model.costly_passes else None, key, compute), passes
 
     def _run_model(
         self, work: LabelWork, rows: np.ndarray, data: np.ndarray, intensity: Intensity, clock: Stages
@@ -1110,7 +1112,8 @@ class VolumeSegmenter:
             regions[label_id] = region
             clock.lap("post-processing")
         for label_id, report in result.reports.items():  # a label is written within its region only
-            report.voxels = int(np.count_nonzero(labels[regions[label_id]] == label_id))
+            within = labels[regions[label_id]]  # counted slice by slice: no region-sized comparison
+            report.voxels = sum(int(np.count_nonzero(within[..., z] == label_id)) for z in range(within.shape[2]))
         clock.lap("post-processing")
         result.stages, result.seconds = clock.seconds, clock.total
         return result

@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from app_server import free_port
 from sdfsmis.dicom.orthanc import OrthancServer, OrthancUnavailable
-from sdfsmis.pipeline.acceleration import retain_freed_memory
+from sdfsmis.memory import retain_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch follows OMP_NUM_THREADS (apps/test.sh sets each xdist worker's share of the cores); without it, at most 2

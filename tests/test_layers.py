@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "sdfsmis"
 #: The areas from the bottom up; an area may import from its own layer's areas only where the
 #: pair is listed in SAME_LAYER_ARROWS (dicom reads volumes).
 LAYERS = [
+    {"memory"},  # how the process holds CPU memory
     {"config", "metrics", "io", "dicom"},  # settings sections, Dice, files
     {"methods"},  # the one-shot methods and their registry
     {"settings"},  # the settings object built from the registry
@@ -100,4 +101,4 @@ def test_no_import_circle():
 def test_the_package_root_holds_no_method_of_its_own():
     """Method-specific modules live in the methods' subpackages; the root keeps what all share."""
     root_modules = {path.stem for path in PACKAGE.glob("*.py")}
-    assert root_modules == {"__init__", "config", "settings", "metrics"}
+    assert root_modules == {"__init__", "config", "settings", "metrics", "memory"}

@@ -69,7 +69,7 @@ def test_reference_on_a_subset_is_those_slices_of_the_full_reference(tiny_model,
 
 RETAINED_HEAP = """
 import ctypes, sys, torch
-from sdfsmis.pipeline.acceleration import retain_freed_memory
+from sdfsmis.memory import retain_freed_memory
 
 class MallInfo2(ctypes.Structure):
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sdfsmis.io.volume import VolumeError, VolumeTooLarge, check_same_geometry, load_volume, read_geometry
+from sdfsmis.memory import release_freed_memory
 from sdfsmis.samples.synthetic import make_volume, write_nifti
 
 
@@ -110,3 +111,31 @@ def test_reading_a_compressed_image_holds_it_about_once(tmp_path, resident_mb):
     before = resident_mb()
     volume = load_volume(path)
     assert resident_mb() - before < 1.3 * volume.data.nbytes / 2**20
+
+
+@pytest.mark.parametrize(
+    ("name", "stored"), [("label.nii.gz", np.uint8), ("label.nii.gz", np.int16), ("label.nrrd", np.uint8)]
+)
+def test_a_label_drawn_on_a_few_slices_holds_those_slices(tmp_path, resident_mb, name, stored):
+    """A radiologist's drawing on 3 slices of a 512 x 512 x 256 grid (64 MB as uint8): read from
+    a compressed NIfTI (in the type a label needs, or converted from a wider one) or from an NRRD
+    as Slicer uploads it, the same ids, in well under the dense array's memory."""
+    shape = (512, 512, 256)
+    drawn = np.zeros(shape, dtype=stored)
+    rows, cols = np.ogrid[:512, :512]
+    for z, label_id in ((20, 1), (21, 3), (240, 1)):  # whole slices written: every page of them touched
+        drawn[..., z] = np.where((rows - 256) ** 2 + (cols - 200) ** 2 < 80**2, label_id, 0)
+    affine = np.diag([-0.7, -0.7, 1.25, 1.0])  # LPS-like: flipped in the working RAS order
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(drawn, affine), tmp_path / "label.nii.gz")
+    if name.endswith(".nrrd"):
+        itk.imwrite(itk.imread(str(tmp_path / "label.nii.gz"), itk.UC), str(path))
+    expected = drawn.astype(np.uint8)
+    dense_mb = expected.nbytes / 2**20
+    release_freed_memory()  # the read may not reuse heap that earlier work freed and the heap kept
+    before = resident_mb()
+    label = load_volume(path, label=True)
+    held = resident_mb() - before
+    np.testing.assert_array_equal(label.to_original(label.data), expected)
+    assert label.data.dtype == np.uint8
+    assert held < 0.25 * dense_mb, f"{held:.1f} MB held for a {dense_mb:.0f} MB label drawn on 3 slices"

@@ -29,8 +29,9 @@ from sdfsmis.bench.common import (
     time_our_training,
     training_sampler,
 )
+from sdfsmis.memory import retain_freed_memory
 from sdfsmis.methods import DPL, SDFSMIS, load_model
-from sdfsmis.pipeline.acceleration import InferenceOptions, accelerate, retain_freed_memory
+from sdfsmis.pipeline.acceleration import InferenceOptions, accelerate
 from sdfsmis.settings import Settings
 
 #: Issue 14's targets for DPL, at the DINOv2-small shape, 256 px slices, K = 8, on 2 CPU cores.

@@ -36,9 +36,10 @@ from sdfsmis.bench.common import (
     timed,
     training_sampler,
 )
+from sdfsmis.memory import retain_freed_memory
 from sdfsmis.methods import SDFSMIS
 from sdfsmis.methods.sdfsmis.reference import kv_bank, released_segment_slice, released_training_step
-from sdfsmis.pipeline.acceleration import InferenceOptions, accelerate, retain_freed_memory
+from sdfsmis.pipeline.acceleration import InferenceOptions, accelerate
 from sdfsmis.settings import Settings
 
 

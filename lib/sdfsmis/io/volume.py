@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations
 
+from sdfsmis.memory import private_map, release_freed_memory
+
 LABEL_FORMATS = (".nii.gz", ".nii", ".nrrd")
 #: Slices read at a time from a compressed NIfTI file (:func:`_stored_voxels`).
 READ_SLAB = 16
@@ -195,8 +197,13 @@ def _label_ids(stored: np.ndarray, name: str, slope: float = 1.0, inter: float =
     if stored.dtype.kind in "biu" and slope == 1 and inter == 0:
         if stored.size and (stored.min() < 0 or stored.max() > LABEL_ID_MAX):
             raise invalid
-        return stored.astype(label_type(int(stored.max()) if stored.size else 0), copy=False)
-    ids = np.empty_like(stored, dtype=np.int32)
+        ids_type = label_type(int(stored.max()) if stored.size else 0)
+        if stored.dtype == ids_type:
+            return stored
+        ids = drawn_zeros(stored.shape, ids_type, stored)
+        write_drawn(ids, stored)
+        return ids
+    ids = drawn_zeros(stored.shape, np.int32, stored)
     for index in np.ndindex(stored.shape[2:]):  # one slice (of one frame) at a time
         values = np.asarray(stored[(Ellipsis, *index)], dtype=np.float64) * slope + inter
         if not np.isfinite(values).all() or (values < 0).any() or (values > LABEL_ID_MAX).any():
@@ -204,8 +211,31 @@ def _label_ids(stored: np.ndarray, name: str, slope: float = 1.0, inter: float =
         rounded = np.round(values)
         if not np.allclose(values, rounded):
             raise invalid
-        ids[(Ellipsis, *index)] = rounded
+        if rounded.any():
+            ids[(Ellipsis, *index)] = rounded
     return ids
+
+
+def drawn_zeros(shape: tuple[int, ...], dtype: np.dtype | type, like: np.ndarray | None = None) -> np.ndarray:
+    """An empty label in an anonymous memory map of its own, in ``like``'s memory order (else
+    Fortran's, as NIfTI stores voxels): a page takes memory only once written, so a drawing on a
+    few slices of a 512 x 512 x 180 CT holds those slices, not 47 MB. (From the heap, a reused
+    block is cleared page by page, and every page is held.)"""
+    dtype = np.dtype(dtype)
+    order = "C" if like is not None and like.flags.c_contiguous and not like.flags.f_contiguous else "F"
+    size = int(np.prod(shape)) * dtype.itemsize
+    if size == 0:
+        return np.zeros(shape, dtype, order=order)
+    return np.ndarray(shape, dtype, buffer=private_map(size), order=order)
+
+
+def write_drawn(target: np.ndarray, source: np.ndarray, first: int = 0) -> None:
+    """Copy into ``target``, from its slice ``first`` on, the slices (third axis) of ``source``
+    that hold any label: an empty slice is not written, and its pages stay free."""
+    for j in range(source.shape[2]):
+        part = source[:, :, j]
+        if part.any():
+            target[:, :, first + j] = part
 
 
 def present_label_ids(data: np.ndarray) -> list[int]:
@@ -218,19 +248,23 @@ def present_label_ids(data: np.ndarray) -> list[int]:
     return sorted(ids)
 
 
-def _stored_voxels(image: nib.Nifti1Image, path: Path) -> np.ndarray:
+def _stored_voxels(image: nib.Nifti1Image, path: Path, label: bool = False) -> np.ndarray:
     """The voxels as the file stores them. A compressed file is read :data:`READ_SLAB` slices at a
     time into the array: read whole, nibabel first decompresses it into a buffer of its own and then
     copies that into the array, and a server's heap keeps the freed buffer (a 94 MB CT took 184 MB).
-    An uncompressed one stays mapped from its file, as nibabel gives it."""
+    Of a ``label``, only the slices drawn on are written (:func:`drawn_zeros`). An uncompressed
+    file stays mapped from its file, as nibabel gives it."""
     raw = image.dataobj
     unscaled = (raw.slope, raw.inter) == (1.0, 0.0)  # then nibabel's slices are the stored voxels
     if not (path.name.endswith(".gz") and unscaled and len(image.shape) >= 3):
         return np.asanyarray(raw.get_unscaled())
-    data = np.empty(image.shape, dtype=raw.dtype, order="F")
+    data = drawn_zeros(image.shape, raw.dtype) if label else np.empty(image.shape, dtype=raw.dtype, order="F")
     for first in range(0, image.shape[2], READ_SLAB):
         slab = (slice(None), slice(None), slice(first, first + READ_SLAB))
-        data[slab] = raw[slab]
+        if label:
+            write_drawn(data, raw[slab], first)
+        else:
+            data[slab] = raw[slab]
     return data
 
 
@@ -243,7 +277,7 @@ def _read_nifti(path: Path, what: str, label: bool, max_voxels: int | None) -> t
         raise VolumeError(f"{what} {path.name} holds RGB/structured voxels, expected one grayscale channel")
     _check_size(what, path, image.shape, max_voxels)
     if label:  # the stored integers, scaled slice by slice (nibabel would scale all of it to float64)
-        data = _label_ids(_stored_voxels(image, path), path.name, float(raw.slope), float(raw.inter))
+        data = _label_ids(_stored_voxels(image, path, label=True), path.name, float(raw.slope), float(raw.inter))
     elif np.dtype(raw.dtype) in EXACT_IN_FLOAT32 and nib.is_proxy(raw) and (raw.slope, raw.inter) == (1.0, 0.0):
         data = _stored_voxels(image, path)
     else:
@@ -291,7 +325,11 @@ def _read_itk(path: Path, what: str, label: bool, max_voxels: int | None) -> tup
         view = np.asarray(itk.array_view_from_image(image))  # ITK's buffer, valid while ``image`` lives
         data = _label_ids(view.transpose(2, 1, 0), path.name)  # ITK arrays are [z, y, x]
         if np.shares_memory(data, view):  # kept in its stored type: own it before ITK frees its buffer
-            data = data.copy()
+            owned = drawn_zeros(data.shape, data.dtype, data)
+            write_drawn(owned, data)
+            data = owned
+        del view, image, reader
+        release_freed_memory()  # ITK's buffer was the whole volume: the label holds its drawn slices
     else:
         data = itk.array_from_image(image).transpose(2, 1, 0)
     header = nib.Nifti1Image(np.zeros((1, 1, 1), np.float32), affine).header

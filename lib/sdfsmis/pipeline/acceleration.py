@@ -14,34 +14,16 @@ batches (see docs/performance.md).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 from dataclasses import dataclass
 
 import torch
+
+from sdfsmis.memory import retain_freed_memory
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: On CPU, a VAE whose widest full-resolution activation of one slice is at least this large is
 #: run one slice at a time, in channels-last.
 LARGE_SLICE_BYTES = 4 * 2**20
-#: glibc ``mallopt`` parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def retain_freed_memory(largest_buffer: int = 2**30) -> bool:
-    """Have glibc serve buffers up to ``largest_buffer`` bytes from its heap and keep freed
-    memory for the next request instead of returning it to the kernel.
-
-    By default every buffer above 32 MiB is a fresh ``mmap`` whose pages the kernel zeroes on
-    first touch; a full-size VAE at 256 x 256 allocates and frees such activations layer after
-    layer, so ~20 % of the CPU time went to the kernel (measured: SD1.5 shape, 8 query slices,
-    32 s -> 27 s). The process keeps its peak memory, as a server does anyway. Process-wide;
-    returns False where the C library is not glibc (nothing changed)."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, largest_buffer)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @dataclass

@@ -16,12 +16,13 @@ map, not many. Only CPU arrays are copied; a tensor on an accelerator stays wher
 from __future__ import annotations
 
 import dataclasses
-import mmap
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+from sdfsmis.memory import private_map
 
 T = TypeVar("T")
 
@@ -93,7 +94,7 @@ def mapped_copy(value: T) -> T:
     total = sum(_padded(size) for size in sizes)
     if total == 0:
         return value
-    buffer = mmap.mmap(-1, total)
+    buffer = private_map(total)
     copies, offset = [], 0
     for array, size in zip(arrays, sizes):
         if isinstance(array, np.ndarray):

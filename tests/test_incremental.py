@@ -234,6 +234,27 @@ def test_a_second_label_and_a_removed_support(patient, tiny_backbone, method):
     assert 0 < counter.passes < k * (len(removed.reports[1].query_slices) + len(removed.reports[4].query_slices))
 
 
+def test_a_request_without_the_doubt_map_answers_the_same_and_keeps_less(patient, tiny_backbone):
+    """The app asks for no doubt map (a viewer shows the review segment and the slices' confidence):
+    the same labels, confidence and review voxels, no voxel map of the doubt, and less kept."""
+    volume, truth = patient
+    drawn = [int(z) for z in _span(truth, 1)[::4]]
+    support = [SupportVolume(volume, _drawn(truth, (1, 4), drawn))]
+    shown, served = _predictors(tiny_backbone, "dpl")[0], _predictors(tiny_backbone, "dpl")[0]
+    with_map = shown.segment(support, volume, [1, 4], progress=False)
+    without = served.segment(support, volume, [1, 4], progress=False, doubt_map=False)
+    np.testing.assert_array_equal(without.labels, with_map.labels)
+    for label_id, report in with_map.reports.items():
+        assert report.confidence is not None and without.reports[label_id].confidence == report.confidence
+        np.testing.assert_array_equal(without.review(label_id), with_map.review(label_id))
+    assert with_map.uncertainty is not None and with_map.uncertainty.max() > 0
+    assert without.uncertainty is None
+    assert served.cache.bytes < shown.cache.bytes
+    # asked for later, the map is made and kept
+    again = served.segment(support, volume, [1, 4], progress=False)
+    np.testing.assert_array_equal(again.uncertainty, with_map.uncertainty)
+
+
 def test_a_digest_takes_an_array_in_any_memory_layout():
     """A reoriented image can be a view with its axes permuted, in neither C nor Fortran order: it is
     digested as its C-ordered copy is (the registration's key digests whole images)."""

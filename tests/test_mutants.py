@@ -87,6 +87,13 @@ def test_an_image_of_one_slice_is_refused_and_two_slices_are_a_volume(tmp_path):
     assert load_volume(_nifti(tmp_path / "thin.nii.gz", np.zeros((6, 5, 2), np.float32))).shape == (6, 5, 2)
 
 
+def test_a_label_of_two_axes_is_refused_by_its_shape(tmp_path):
+    # int16: converted to the label's type on the way, which must not fail first with another message
+    flat = _nifti(tmp_path / "flat_label.nii.gz", np.ones((6, 5), np.int16))
+    with pytest.raises(VolumeError, match=r"label flat_label.nii.gz has shape \(6, 5\): a 3-D volume is expected"):
+        load_volume(flat, label=True)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_an_image_with_non_finite_voxels_is_refused(tmp_path, bad):
     data = np.zeros((4, 4, 3), np.float32)

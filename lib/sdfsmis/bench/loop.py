@@ -78,7 +78,7 @@ def _server_run(
     if atlas is not None:
         supports.append(SupportVolume(predictor.read_image(atlas[0]), load_volume(atlas[1], label=True)))
     clock.lap("read")
-    result = predictor.segment(supports, query, progress=False)
+    result = predictor.segment(supports, query, progress=False, doubt_map=False)  # as the app asks
     clock.absorb(result.stages)
     query.save_label(result.labels, output)
     clock.lap("write")

@@ -231,7 +231,11 @@ def drawn_zeros(shape: tuple[int, ...], dtype: np.dtype | type, like: np.ndarray
 
 def write_drawn(target: np.ndarray, source: np.ndarray, first: int = 0) -> None:
     """Copy into ``target``, from its slice ``first`` on, the slices (third axis) of ``source``
-    that hold any label: an empty slice is not written, and its pages stay free."""
+    that hold any label: an empty slice is not written, and its pages stay free. A label of fewer
+    than three axes (refused by the caller, which names its shape) is copied whole."""
+    if source.ndim < 3:
+        target[...] = source
+        return
     for j in range(source.shape[2]):
         part = source[:, :, j]
         if part.any():

@@ -78,7 +78,12 @@ class Predictor:
         )
 
     def segment(
-        self, supports: list[SupportVolume], query: Volume, label_ids: list[int] | None = None, progress: bool = True
+        self,
+        supports: list[SupportVolume],
+        query: Volume,
+        label_ids: list[int] | None = None,
+        progress: bool = True,
+        doubt_map: bool = True,
     ) -> SegmentationResult:
         """Segment ``query`` with each label of the supports (see :meth:`VolumeSegmenter.segment_with`)."""
-        return self.segmenter(progress).segment_with(supports, query, label_ids)
+        return self.segmenter(progress).segment_with(supports, query, label_ids, doubt_map)

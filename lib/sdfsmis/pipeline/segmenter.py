@@ -127,7 +127,7 @@ class LabelMaps:
         batches' (:meth:`FusedSlices.unpacked`), and on the drawn slices the drawing (probability 1
         inside, 0 outside; no doubt). None where members cannot disagree (or nothing was segmented)."""
         if (getattr(self.parts[0], name) if self.parts else None) is None and name != "probability":
-            return None
+            return None  # no members to disagree, or the request did not keep the doubt map
         stack = np.zeros(self.shape, dtype=MAP_TYPES[name], order="F")
         for part, rows in zip(self.parts, self.rows):
             stack[..., rows] = part.unpacked(name)
@@ -191,12 +191,14 @@ class SegmentationResult:
     @property
     def uncertainty(self) -> np.ndarray | None:
         """[X, Y, Z] variance of the members' probabilities, max over labels (built on each call);
-        None for a method and supports without members that can disagree."""
-        if not self.doubt:
+        None for a method and supports without members that can disagree, or for a request that did
+        not keep the doubt map (``doubt_map`` of :meth:`VolumeSegmenter.segment_with`)."""
+        variances = [(doubt.index, doubt.variance()) for doubt in self.doubt.values()]
+        if not variances or any(v is None for _, v in variances):
             return None
         volume = np.zeros(self.labels.shape, dtype=np.float32)
-        for doubt in self.doubt.values():
-            np.maximum(volume[doubt.index], doubt.variance(), out=volume[doubt.index])
+        for index, variance in variances:
+            np.maximum(volume[index], variance, out=volume[index])
         return volume
 
     def review(self, label_id: int) -> np.ndarray | None:
@@ -531,7 +533,8 @@ class FusedSlices(NamedTuple):
         confidence: np.ndarray | None = None,
     ) -> FusedSlices:
         """A batch's maps [X, Y, n] (Fortran order) held small. The probability is kept only within
-        the mask: only there does a label's win over another read it."""
+        the mask: only there does a label's win over another read it. The doubt map is None where
+        members cannot disagree or the request does not keep it."""
         return cls(
             SparseMap.of(probability * mask, background=mask),
             PackedMask.of(mask),
@@ -707,7 +710,9 @@ class VolumeSegmenter:
             out[rows] = grid.to_model(axial_slices(crop, np.arange(len(rows))), mode=mode, pad_value=pad)
         return out
 
-    def _segment_label(self, sources: list[Source], query: Volume, intensity: Intensity, clock: Stages) -> LabelMaps:
+    def _segment_label(
+        self, sources: list[Source], query: Volume, intensity: Intensity, doubt_map: bool, clock: Stages
+    ) -> LabelMaps:
         """Probability, uncertainty and dissent maps (None where members cannot disagree) of one
         label from every support volume that has it, over its region: each query slice against its
         serving support slices of each volume (equal weight per volume), each support row encoded
@@ -773,7 +778,7 @@ class VolumeSegmenter:
         batches = Stages(self.model.method, log=False)
         parts, keys, computed, passes = [], [], 0, 0
         for rows in tqdm(chunks, desc="query slices", unit="batch", disable=not self.progress or len(chunks) < 2):
-            part, key, batch_passes = self._fused_batch(work, rows, query, intensity, query_spacing, batches)
+            part, key, batch_passes = self._fused_batch(work, rows, query, intensity, query_spacing, doubt_map, batches)
             parts.append(part)
             keys.append(key)
             computed, passes = computed + (len(rows) if batch_passes else 0), passes + batch_passes
@@ -871,6 +876,7 @@ class VolumeSegmenter:
         query: Volume,
         intensity: Intensity,
         spacing: tuple[float, float, float],
+        doubt_map: bool,
         clock: Stages,
     ) -> tuple[FusedSlices, bytes, int]:
         """One batch of query slices fused with the label's shape over its region (from the cache
@@ -886,22 +892,30 @@ class VolumeSegmenter:
             None if shape is None else shape.reach,
             spacing,
             self.config.review_dissent,
+            doubt_map,
         )
         passes = 0
 
         def fuse() -> FusedSlices:
             nonlocal passes
             outputs, passes = self._model_outputs(work, rows, model_key, query.data, intensity, clock)
-            fused = self._fuse(work, rows, outputs, spacing)
+            fused = self._fuse(work, rows, outputs, spacing, doubt_map)
             clock.lap("fusion")
             return fused
 
         return cached(self.cache, key, fuse), key, passes
 
     def _fuse(
-        self, work: LabelWork, rows: np.ndarray, outputs: SliceOutputs, spacing: tuple[float, float, float]
+        self,
+        work: LabelWork,
+        rows: np.ndarray,
+        outputs: SliceOutputs,
+        spacing: tuple[float, float, float],
+        doubt_map: bool,
     ) -> FusedSlices:
-        """One batch's model outputs back in the label's region, fused with its shape."""
+        """One batch's model outputs back in the label's region, fused with its shape; with the
+        members' doubt as a voxel map if ``doubt_map`` (its slices' confidence and the review voxels
+        are kept either way)."""
         shape, region, threshold = work.shape, work.region, self.config.threshold
 
         def region_of(slices: torch.Tensor) -> np.ndarray:
@@ -930,7 +944,8 @@ class VolumeSegmenter:
             dissent *= contour
             area = contour.sum(axis=(0, 1))  # as slice_confidence, over the contour the model can still move
             confidence = np.where(area > 0, 1 - 4 * uncertainty.sum(axis=(0, 1)) / np.maximum(area, 1), 1.0)
-        return FusedSlices.of(probability, mask, uncertainty, dissent >= self.config.review_dissent, confidence)
+        review = dissent >= self.config.review_dissent
+        return FusedSlices.of(probability, mask, uncertainty if doubt_map else None, review, confidence)
 
     def _model_outputs(
         self, work: LabelWork, rows: np.ndarray, key: bytes, data: np.ndarray, intensity: Intensity, clock: Stages
@@ -1053,13 +1068,20 @@ class VolumeSegmenter:
         return self.segment_with([SupportVolume(support_image, support_label)], query, label_ids)
 
     def segment_with(
-        self, supports: list[SupportVolume], query: Volume, label_ids: list[int] | None = None
+        self,
+        supports: list[SupportVolume],
+        query: Volume,
+        label_ids: list[int] | None = None,
+        doubt_map: bool = True,
     ) -> SegmentationResult:
         """Segment ``query`` with each label of the supports as its own 1-way task, merged.
 
         A label is served by every support volume that has it. When a support is the query itself,
         its annotated voxels are kept as drawn. Each label's work stays within its region: the
-        volume-sized arrays are the query, the support labels and the result."""
+        volume-sized arrays are the query, the support labels and the result. ``doubt_map``: keep
+        the voxel map of the members' doubt (:attr:`SegmentationResult.uncertainty`), which only the
+        command line's ``--uncertainty`` and a preview show (35 MB over a structure across a
+        512 x 512 x 180 CT); the slices' confidence and the review voxels are kept either way."""
         clock = Stages(self.model.method)
         cfg = self.config
         label_ids = select_supported_ids(supports, label_ids)
@@ -1102,7 +1124,7 @@ class VolumeSegmenter:
                 if len(annotated):
                     sources.append(self._place(source, intensity, drawn, annotated, query, registered))
             clock.lap("placement")
-            maps = self._segment_label(sources, query, query_intensity, clock)
+            maps = self._segment_label(sources, query, query_intensity, doubt_map, clock)
             clock.lap("fusion")
             region, report = maps.index, maps.report
             if report.confidence is not None:

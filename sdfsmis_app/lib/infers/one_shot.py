@@ -65,7 +65,7 @@ class OneShotInfer(InferTask):
         names = {k: v for support in reversed(supports) for k, v in support.label_names.items()}  # first one wins
         wanted = parse_label_ids(request.get("labels"), names)
         clock.lap("read")
-        result = segmenter.segment_with(volumes, query, wanted)
+        result = segmenter.segment_with(volumes, query, wanted, doubt_map=False)  # a viewer shows the review segment
         clock.absorb(result.stages)
         # OHIF asks for raw NRRD (result_extension ".nrrd"), Slicer and the CLI get NIfTI
         suffix = request.get("result_extension") or ".nii.gz"

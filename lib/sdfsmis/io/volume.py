@@ -200,10 +200,10 @@ def _label_ids(stored: np.ndarray, name: str, slope: float = 1.0, inter: float =
         ids_type = label_type(int(stored.max()) if stored.size else 0)
         if stored.dtype == ids_type:
             return stored
-        ids = drawn_zeros(stored.shape, ids_type, stored)
-        write_drawn(ids, stored)
+        ids = _drawn_zeros(stored.shape, ids_type, stored)
+        _write_drawn(ids, stored)
         return ids
-    ids = drawn_zeros(stored.shape, np.int32, stored)
+    ids = _drawn_zeros(stored.shape, np.int32, stored)
     for index in np.ndindex(stored.shape[2:]):  # one slice (of one frame) at a time
         values = np.asarray(stored[(Ellipsis, *index)], dtype=np.float64) * slope + inter
         if not np.isfinite(values).all() or (values < 0).any() or (values > LABEL_ID_MAX).any():
@@ -216,7 +216,7 @@ def _label_ids(stored: np.ndarray, name: str, slope: float = 1.0, inter: float =
     return ids
 
 
-def drawn_zeros(shape: tuple[int, ...], dtype: np.dtype | type, like: np.ndarray | None = None) -> np.ndarray:
+def _drawn_zeros(shape: tuple[int, ...], dtype: np.dtype | type, like: np.ndarray | None = None) -> np.ndarray:
     """An empty label in an anonymous memory map of its own, in ``like``'s memory order (else
     Fortran's, as NIfTI stores voxels): a page takes memory only once written, so a drawing on a
     few slices of a 512 x 512 x 180 CT holds those slices, not 47 MB. (From the heap, a reused
@@ -229,7 +229,7 @@ def drawn_zeros(shape: tuple[int, ...], dtype: np.dtype | type, like: np.ndarray
     return np.ndarray(shape, dtype, buffer=private_map(size), order=order)
 
 
-def write_drawn(target: np.ndarray, source: np.ndarray, first: int = 0) -> None:
+def _write_drawn(target: np.ndarray, source: np.ndarray, first: int = 0) -> None:
     """Copy into ``target``, from its slice ``first`` on, the slices (third axis) of ``source``
     that hold any label: an empty slice is not written, and its pages stay free. A label of fewer
     than three axes (refused by the caller, which names its shape) is copied whole."""
@@ -256,17 +256,17 @@ def _stored_voxels(image: nib.Nifti1Image, path: Path, label: bool = False) -> n
     """The voxels as the file stores them. A compressed file is read :data:`READ_SLAB` slices at a
     time into the array: read whole, nibabel first decompresses it into a buffer of its own and then
     copies that into the array, and a server's heap keeps the freed buffer (a 94 MB CT took 184 MB).
-    Of a ``label``, only the slices drawn on are written (:func:`drawn_zeros`). An uncompressed
+    Of a ``label``, only the slices drawn on are written (:func:`_drawn_zeros`). An uncompressed
     file stays mapped from its file, as nibabel gives it."""
     raw = image.dataobj
     unscaled = (raw.slope, raw.inter) == (1.0, 0.0)  # then nibabel's slices are the stored voxels
     if not (path.name.endswith(".gz") and unscaled and len(image.shape) >= 3):
         return np.asanyarray(raw.get_unscaled())
-    data = drawn_zeros(image.shape, raw.dtype) if label else np.empty(image.shape, dtype=raw.dtype, order="F")
+    data = _drawn_zeros(image.shape, raw.dtype) if label else np.empty(image.shape, dtype=raw.dtype, order="F")
     for first in range(0, image.shape[2], READ_SLAB):
         slab = (slice(None), slice(None), slice(first, first + READ_SLAB))
         if label:
-            write_drawn(data, raw[slab], first)
+            _write_drawn(data, raw[slab], first)
         else:
             data[slab] = raw[slab]
     return data
@@ -329,8 +329,8 @@ def _read_itk(path: Path, what: str, label: bool, max_voxels: int | None) -> tup
         view = np.asarray(itk.array_view_from_image(image))  # ITK's buffer, valid while ``image`` lives
         data = _label_ids(view.transpose(2, 1, 0), path.name)  # ITK arrays are [z, y, x]
         if np.shares_memory(data, view):  # kept in its stored type: own it before ITK frees its buffer
-            owned = drawn_zeros(data.shape, data.dtype, data)
-            write_drawn(owned, data)
+            owned = _drawn_zeros(data.shape, data.dtype, data)
+            _write_drawn(owned, data)
             data = owned
         del view, image, reader
         release_freed_memory()  # ITK's buffer was the whole volume: the label holds its drawn slices

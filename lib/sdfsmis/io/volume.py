@@ -198,11 +198,7 @@ def _label_ids(stored: np.ndarray, name: str, slope: float = 1.0, inter: float =
         if stored.size and (stored.min() < 0 or stored.max() > LABEL_ID_MAX):
             raise invalid
         ids_type = label_type(int(stored.max()) if stored.size else 0)
-        if stored.dtype == ids_type:
-            return stored
-        ids = _drawn_zeros(stored.shape, ids_type, stored)
-        _write_drawn(ids, stored)
-        return ids
+        return stored if stored.dtype == ids_type else _drawn_copy(stored, ids_type)
     ids = _drawn_zeros(stored.shape, np.int32, stored)
     for index in np.ndindex(stored.shape[2:]):  # one slice (of one frame) at a time
         values = np.asarray(stored[(Ellipsis, *index)], dtype=np.float64) * slope + inter
@@ -240,6 +236,14 @@ def _write_drawn(target: np.ndarray, source: np.ndarray, first: int = 0) -> None
         part = source[:, :, j]
         if part.any():
             target[:, :, first + j] = part
+
+
+def _drawn_copy(source: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """``source`` as ``dtype`` in an empty label of its own (:func:`_drawn_zeros`), its empty slices
+    not written."""
+    copy = _drawn_zeros(source.shape, dtype, source)
+    _write_drawn(copy, source)
+    return copy
 
 
 def present_label_ids(data: np.ndarray) -> list[int]:
@@ -329,9 +333,7 @@ def _read_itk(path: Path, what: str, label: bool, max_voxels: int | None) -> tup
         view = np.asarray(itk.array_view_from_image(image))  # ITK's buffer, valid while ``image`` lives
         data = _label_ids(view.transpose(2, 1, 0), path.name)  # ITK arrays are [z, y, x]
         if np.shares_memory(data, view):  # kept in its stored type: own it before ITK frees its buffer
-            owned = _drawn_zeros(data.shape, data.dtype, data)
-            _write_drawn(owned, data)
-            data = owned
+            data = _drawn_copy(data, data.dtype)
         del view, image, reader
         release_freed_memory()  # ITK's buffer was the whole volume: the label holds its drawn slices
     else:

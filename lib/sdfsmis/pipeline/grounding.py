@@ -20,6 +20,7 @@ to the volume's edge; a radiologist's drawing does not.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,16 +142,26 @@ class DrawnShape:
       the span, not the gaps, so that a correction between drawn slices leaves the ends alone.
     """
 
+    #: Signed distances held at once: the query slices are asked for in batches along z, each served
+    #: by the two or three drawings around it, so the drawings behind are not asked for again; all
+    #: held, the 20 drawings of a 512 x 512 structure took 20 MB until the request ended.
+    KEPT_DISTANCES = 4
+
     def __init__(self, drawn: np.ndarray, support_z: list[int], spacing: tuple[float, float, float]):
         self.drawn, self.support_z, self.spacing = drawn, list(support_z), spacing
         self.areas = np.array([np.count_nonzero(drawn[..., z]) for z in self.support_z])
         self.low, self.high = min(self.support_z), max(self.support_z)
-        self._distances: dict[int, np.ndarray] = {}
+        self._distances: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def distance(self, i: int) -> np.ndarray:
-        """Support ``i``'s signed distance (mm), computed on first use."""
-        if i not in self._distances:
+        """Support ``i``'s signed distance (mm), computed on first use and held while it is among
+        the :attr:`KEPT_DISTANCES` last used."""
+        if i in self._distances:
+            self._distances.move_to_end(i)
+        else:
             self._distances[i] = signed_distance_mm(self.drawn[..., self.support_z[i]], self.spacing[:2])
+            if len(self._distances) > self.KEPT_DISTANCES:
+                self._distances.popitem(last=False)
         return self._distances[i]
 
     def on(self, query_z: np.ndarray, index: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -89,24 +89,28 @@ def test_a_batch_keeps_its_probability_within_its_mask_and_gives_its_maps_back()
     review = np.zeros_like(mask)
     review[7, 7, 2] = True
     fused = FusedSlices.of(probability, mask, uncertainty, review, np.ones(3))
-    within = np.where(mask, probability, 0).astype(np.float16)  # outside the mask no label's win reads it
+    # in steps of 1/255, and outside the mask no label's win reads it
+    within = np.where(mask, np.rint(probability * np.float32(255)), 0).astype(np.uint8)
     np.testing.assert_array_equal(fused.unpacked("probability"), within)
     np.testing.assert_array_equal(fused.unpacked("uncertainty"), uncertainty.astype(np.float16))
     np.testing.assert_array_equal(fused.unpacked("review"), review)
     np.testing.assert_array_equal(fused.mask.unpacked(), mask)
-    # kept: the voxels of the mask below 1 (the random half of x 17..19 above 0.5), not the whole map
-    assert len(fused.probability.index) == np.count_nonzero(mask[17:])
+    # kept: the voxels of the mask below the last step (of the random half of x 17..19 above 0.5,
+    # those under 254.5 / 255), not the whole map
+    assert len(fused.probability.index) == np.count_nonzero(within[17:] % 255)
+    assert 0 < len(fused.probability.index) < np.count_nonzero(mask[17:])
     assert len(fused.uncertainty.index) == 1
 
 
 def test_overlapping_labels_go_to_the_likelier_one_from_the_kept_probabilities():
     shape = (4, 3, 2)
-    first = np.full(shape, 0.7, np.float32, order="F")  # label 1 everywhere, at 0.7
+    first = np.full(shape, 0.71, np.float32, order="F")  # label 1 everywhere, at 0.71 (181 / 255)
     second = np.zeros(shape, np.float32, order="F")
     second[:2], second[2] = 0.9, 0.6  # label 2 at x 0-1 (0.9) and x 2 (0.6), not at x 3
     second[0, 0, 0] = 1.0  # exactly 1: kept as the mask itself, not as a stored voxel
+    second[3, 0, 0] = 0.7105  # the same step of 1/255 as 0.71: a tie, which the first label keeps
     labels = np.zeros(shape, np.uint8, order="F")
-    best = np.zeros(shape, np.float16, order="F")
+    best = np.zeros(shape, np.uint8, order="F")
     for label_id, probability in ((1, first), (2, second)):
         mask = probability >= 0.5
         fused = FusedSlices.of(probability, mask)
@@ -116,5 +120,5 @@ def test_overlapping_labels_go_to_the_likelier_one_from_the_kept_probabilities()
         )  # fmt: skip
         claim(labels, best, label_id, ((z, mask[..., z]) for z in range(2)), maps)
     expected = np.ones(shape, np.uint8)
-    expected[:2] = 2  # 0.9 and 1.0 beat 0.7; 0.6 does not
+    expected[:2] = 2  # 0.9 and 1.0 beat 0.71; 0.6 and 0.7105 do not
     np.testing.assert_array_equal(labels, expected)

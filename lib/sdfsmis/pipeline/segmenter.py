@@ -32,7 +32,7 @@ from sdfsmis.methods import OneShotModel, Prediction
 from sdfsmis.pipeline import components, grounding, placement
 from sdfsmis.pipeline.acceleration import InferenceOptions
 from sdfsmis.pipeline.cache import ComputeCache, cached, digest
-from sdfsmis.pipeline.compact import PackedMask, SparseMap
+from sdfsmis.pipeline.compact import LEVELS, PackedMask, SparseMap, levels
 from sdfsmis.pipeline.components import PlaneComponents
 from sdfsmis.pipeline.grounding import Box
 from sdfsmis.pipeline.placement import Placement
@@ -99,7 +99,7 @@ def review_ids(label_ids: list[int] | set[int]) -> dict[int, int]:
 
 
 #: The maps a label's batches hold per voxel, and their type (:class:`FusedSlices`).
-MAP_TYPES = {"probability": np.float16, "uncertainty": np.float16, "review": np.bool_}
+MAP_TYPES = {"probability": np.uint8, "uncertainty": np.float16, "review": np.bool_}
 
 
 @dataclass
@@ -125,14 +125,15 @@ class LabelMaps:
     def stacked(self, name: str) -> np.ndarray | None:
         """A map of :data:`MAP_TYPES` over the whole region in Fortran order, a new array: the
         batches' (:meth:`FusedSlices.unpacked`), and on the drawn slices the drawing (probability 1
-        inside, 0 outside; no doubt). None where members cannot disagree (or nothing was segmented)."""
+        inside, 0 outside; no doubt). None where members cannot disagree (or nothing was segmented).
+        The probability is in :func:`~sdfsmis.pipeline.compact.levels`."""
         if (getattr(self.parts[0], name) if self.parts else None) is None and name != "probability":
             return None  # no members to disagree, or the request did not keep the doubt map
         stack = np.zeros(self.shape, dtype=MAP_TYPES[name], order="F")
         for part, rows in zip(self.parts, self.rows):
             stack[..., rows] = part.unpacked(name)
         if name == "probability" and self.drawn is not None:
-            stack[..., self.drawn_slices] = self.drawn[..., self.drawn_slices]
+            stack[..., self.drawn_slices] = self.drawn[..., self.drawn_slices] * np.uint8(LEVELS)
         return stack
 
     def variance(self) -> np.ndarray:
@@ -267,7 +268,8 @@ def claim(
     """Write one label's mask, given slice by slice (``slices``: region slice, [X, Y] mask), into
     ``labels`` over its region. With several labels, ``best`` (the same region) holds the
     probability of the label each voxel went to so far: a voxel of this mask goes to this label
-    only where its probability (:meth:`LabelMaps.stacked`) is higher, the first label on a tie."""
+    only where its probability (:meth:`LabelMaps.stacked`, in levels of 1/255) is higher, the
+    first label on a tie."""
     probability = None if best is None else maps.stacked("probability")
     for z, mask in slices:
         if best is None:
@@ -484,12 +486,19 @@ def segment_slices(
     return SliceOutputs(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs)))
 
 
-def _grouped(boxes: list[Box]) -> dict[Box, list[int]]:
-    """{box: the rows that have it}, in first-seen order."""
+#: Slices cropped and resampled together: every slice's voxels pass through a few float32 copies
+#: on the way, and 17 whole 512 x 512 support slices at once took 83 MB, more than the batch
+#: of query slices the model then runs. The crops are the same whatever the grouping.
+CROP_SLICES = 2
+
+
+def _grouped(boxes: list[Box], size: int | None = None) -> list[tuple[Box, list[int]]]:
+    """(box, rows that have it), at most ``size`` rows each (None: all), in first-seen order."""
     rows: dict[Box, list[int]] = {}
     for row, box in enumerate(boxes):
         rows.setdefault(box, []).append(row)
-    return rows
+    size = size or len(boxes)
+    return [(box, group[i : i + size]) for box, group in rows.items() for i in range(0, len(group), size)]
 
 
 @dataclass
@@ -516,7 +525,7 @@ class FusedSlices(NamedTuple):
     (:mod:`sdfsmis.pipeline.compact`): a request reads the masks, and the other maps only when it
     asks for them (:meth:`unpacked`)."""
 
-    probability: SparseMap  # [X, Y, n] float16 within the mask (0 elsewhere), on the mask's 0 and 1
+    probability: SparseMap  # [X, Y, n] uint8 levels within the mask (0 elsewhere), on the mask's 0 and 255
     mask: PackedMask  # [X, Y, n]: the probability at the threshold, decided in float32
     planes: list[PlaneComponents]  # each slice's 2-D components of the mask
     uncertainty: SparseMap | None = None  # [X, Y, n] float16, 0 off the shape's contour
@@ -533,10 +542,11 @@ class FusedSlices(NamedTuple):
         confidence: np.ndarray | None = None,
     ) -> FusedSlices:
         """A batch's maps [X, Y, n] (Fortran order) held small. The probability is kept only within
-        the mask: only there does a label's win over another read it. The doubt map is None where
+        the mask, in levels of 1/255: only there, and only to compare, does a label's win over
+        another read it. The doubt map is None where
         members cannot disagree or the request does not keep it."""
         return cls(
-            SparseMap.of(probability * mask, background=mask),
+            SparseMap.of(levels(probability) * mask, background=mask),
             PackedMask.of(mask),
             components.plane_components(mask),
             None if uncertainty is None else SparseMap.of(uncertainty),
@@ -702,7 +712,7 @@ class VolumeSegmenter:
         one call), on the host."""
         pad = -1.0 if mode == "bilinear" else 0.0
         out = torch.empty((len(z), 1, self.resolution, self.resolution), dtype=torch.float32)
-        for box, rows in _grouped(boxes).items():
+        for box, rows in _grouped(boxes, CROP_SLICES):
             crop = data[box.index + (np.asarray(z)[rows],)]
             if intensity is not None:
                 crop = intensity.apply(crop)
@@ -920,7 +930,7 @@ class VolumeSegmenter:
 
         def region_of(slices: torch.Tensor) -> np.ndarray:
             array = np.zeros((region.x1 - region.x0, region.y1 - region.y0, len(rows)), dtype=np.float32, order="F")
-            for box, local in _grouped([work.boxes[q] for q in rows]).items():
+            for box, local in _grouped([work.boxes[q] for q in rows]):
                 grid = SliceGrid(box.x1 - box.x0, box.y1 - box.y0, self.resolution)
                 pixels = grid.from_model(slices[local]).numpy()[:, 0]
                 inside = (slice(box.x0 - region.x0, box.x1 - region.x0), slice(box.y0 - region.y0, box.y1 - region.y0))
@@ -1113,8 +1123,8 @@ class VolumeSegmenter:
         # operations then run over contiguous memory
         order = "F" if query.data.flags.f_contiguous else "C"
         labels = np.zeros(query.data.shape, dtype=label_type(max(label_ids)), order=order)
-        # each label's most likely voxels, for several labels: float16, as the probabilities it holds are
-        best = np.zeros(query.data.shape, dtype=np.float16, order=order) if len(label_ids) > 1 else None
+        # each label's most likely voxels, for several labels: in the levels the probabilities are kept in
+        best = np.zeros(query.data.shape, dtype=MAP_TYPES["probability"], order=order) if len(label_ids) > 1 else None
         result = SegmentationResult(labels)
         regions: dict[int, tuple[slice, slice, slice]] = {}
         for label_id in label_ids:

@@ -210,3 +210,25 @@ def test_another_patients_drawing_is_carried_to_where_the_structure_is(tiny_back
     assert 0.5 < found.sum() / truth.sum() < 2.0  # the bound for every structure
     first, last = np.flatnonzero(truth.any(axis=(0, 1)))[[0, -1]]
     assert not found[..., : first - 1].any() and not found[..., last + 2 :].any()
+
+
+def test_drawn_shape_holds_a_few_distances_and_redoes_one_asked_for_again():
+    # eight drawings of discs growing along z; the query slices asked for in batches along z, then
+    # the first batch again (a re-run's corrected slice): at most KEPT_DISTANCES are held at a time,
+    # and a distance dropped and made again gives the shape it gave the first time
+    drawn = np.zeros((48, 48, 80), dtype=bool)
+    support_z = list(range(4, 80, 10))
+    for i, z in enumerate(support_z):
+        drawn[..., z] = _disc((48, 48), (24, 24), 4 + 2 * i)
+    query_z = np.arange(80)
+    serving = serving_supports(query_z, support_z, 2)
+    shape = DrawnShape(drawn, support_z, (1.0, 1.0, 1.0))
+    batches = [query_z[i : i + 2] for i in range(0, 80, 2)] + [query_z[:2]]
+    pieces = []
+    for rows in batches:
+        pieces.append(shape.on(query_z[rows], serving.index[rows], serving.weights[rows]))
+        assert len(shape._distances) <= DrawnShape.KEPT_DISTANCES
+    np.testing.assert_array_equal(pieces[-1], pieces[0])
+    # each slice's shape is its nearest drawing's disc, blended: the radius grows along z
+    radius = [np.sqrt((piece[..., 0] > 0).sum() / np.pi) for piece in pieces[:-1]]
+    assert radius[0] < radius[20] < radius[-1]

@@ -73,16 +73,14 @@ def accelerate(model: torch.nn.Module, options: InferenceOptions) -> torch.nn.Mo
     device = model.device
     if options.threads:
         torch.set_num_threads(options.threads)
-    if not hasattr(model, "codec"):
-        if options.retains_memory(device, large_activations=False):
-            retain_freed_memory()
+    vae = model.codec.vae if hasattr(model, "codec") else None  # SD-FSMIS's; DPL has none
+    large = vae is not None and 4 * vae.config.block_out_channels[0] * model.config.resolution**2 >= LARGE_SLICE_BYTES
+    if options.retains_memory(device, large):
+        retain_freed_memory()
+    if vae is None:
         if options.compile:
             model.dinov2.compile()
         return model
-    vae = model.codec.vae
-    large = 4 * vae.config.block_out_channels[0] * model.config.resolution**2 >= LARGE_SLICE_BYTES
-    if options.retains_memory(device, large):
-        retain_freed_memory()
     on_cpu_large = device.type == "cpu" and large
     model.codec.batch = options.vae_batch or (1 if on_cpu_large else 0)
     if options.channels_last or (options.channels_last is None and (device.type == "cuda" or on_cpu_large)):

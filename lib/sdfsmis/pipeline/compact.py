@@ -85,7 +85,7 @@ class SparseMap:
         float16 arithmetic of its own)."""
         stored = values if values.dtype == np.uint8 else half(np.asfortranarray(values))
         stored = stored.reshape(-1, order="F")
-        bits = stored if stored.dtype == np.uint8 else stored.view(np.uint16)
+        bits = _bits(stored)
         if background is None:
             differs = bits != 0
         else:
@@ -102,9 +102,15 @@ class SparseMap:
             return np.array(self.values, order="F")
         out = np.zeros(self.shape, dtype=self.values.dtype, order="F")
         if background is not None:  # 0 and 1 in the kept type's bits
-            out.view(np.uint8 if out.dtype == np.uint8 else np.uint16)[...] = background * _one(out.dtype)
+            _bits(out)[...] = background * _one(out.dtype)
         out.reshape(-1, order="F")[self.index] = self.values
         return out
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """``array`` viewed as unsigned integers of its item size: uint8 levels as they are, float16 as
+    uint16, whose bits numpy compares without float16 arithmetic."""
+    return array.view(f"u{array.itemsize}")
 
 
 def _one(dtype: np.dtype) -> np.uint8 | np.uint16:

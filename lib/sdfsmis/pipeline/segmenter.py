@@ -32,7 +32,7 @@ from sdfsmis.methods import OneShotModel, Prediction
 from sdfsmis.pipeline import components, grounding, placement
 from sdfsmis.pipeline.acceleration import InferenceOptions
 from sdfsmis.pipeline.cache import ComputeCache, cached, digest
-from sdfsmis.pipeline.compact import LEVELS, PackedMask, SparseMap, levels
+from sdfsmis.pipeline.compact import PackedMask, SparseMap, levels
 from sdfsmis.pipeline.components import PlaneComponents
 from sdfsmis.pipeline.grounding import Box
 from sdfsmis.pipeline.placement import Placement
@@ -133,7 +133,7 @@ class LabelMaps:
         for part, rows in zip(self.parts, self.rows):
             stack[..., rows] = part.unpacked(name)
         if name == "probability" and self.drawn is not None:
-            stack[..., self.drawn_slices] = self.drawn[..., self.drawn_slices] * np.uint8(LEVELS)
+            stack[..., self.drawn_slices] = levels(self.drawn[..., self.drawn_slices])
         return stack
 
     def variance(self) -> np.ndarray:
